@@ -1,0 +1,27 @@
+"""Coupled-structure analysis: graph -> groups of units that must be removed together."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+
+from autosparse.analysis import ops_layers, ops_tensor
+from autosparse.analysis.groups import Analysis, Group, build_groups, walk
+from autosparse.analysis.registry import Handler, Registry, RuleKey
+from autosparse.capture import Capture
+
+DEFAULT_RULES = Registry()
+ops_tensor.register(DEFAULT_RULES)
+ops_layers.register(DEFAULT_RULES)
+
+
+def analyze(capture: Capture, op_rules: Mapping[RuleKey, Handler] | None = None) -> Analysis:
+    """Find every group of coupled units in a captured graph (pure: the model is not touched)."""
+    start = time.perf_counter()
+    rules = DEFAULT_RULES.extended(op_rules) if op_rules else DEFAULT_RULES
+    result = build_groups(walk(capture, rules))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+__all__ = ["DEFAULT_RULES", "Analysis", "Group", "Registry", "analyze"]

@@ -1,0 +1,127 @@
+"""What an op rule sees: labels of its inputs, shapes, names, and the analysis state it updates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import fx
+
+from autosparse.analysis.labels import Label, dense_ids, normalize
+from autosparse.analysis.unionfind import Elements
+from autosparse.capture import Capture
+
+
+@dataclass
+class Member:
+    """A slice of one parameter or buffer that follows a set of elements.
+
+    ``ids[i]`` is the element at position ``i`` of dimension ``dim`` of tensor ``name``.
+    ``role`` is "producer" (the op creates these elements), "consumer" (the op contracts them
+    away: a gate *site*) or "follower" (an element-wise parameter such as a BatchNorm scale).
+    """
+
+    name: str
+    dim: int
+    ids: np.ndarray
+    role: str
+    where: str
+
+
+@dataclass
+class State:
+    """Mutable analysis state shared by every rule while walking one graph."""
+
+    capture: Capture
+    elements: Elements = field(default_factory=Elements)
+    env: dict[fx.Node, Any] = field(default_factory=dict)
+    members: list[Member] = field(default_factory=list)
+    head_elements: set[int] = field(default_factory=set)
+    unknown: list[str] = field(default_factory=list)
+
+
+class OpContext:
+    """The view of one fx node given to its rule."""
+
+    def __init__(self, state: State, node: fx.Node) -> None:
+        self.state = state
+        self.node = node
+        self.elements = state.elements
+        self.where = state.capture.where(node)
+
+    # -- reading -------------------------------------------------------------------------------
+    @property
+    def args(self) -> tuple:
+        return self.node.args
+
+    def arg(self, index: int, name: str | None = None, default: Any = None) -> Any:
+        if index < len(self.node.args):
+            return self.node.args[index]
+        if name is not None and name in self.node.kwargs:
+            return self.node.kwargs[name]
+        return default
+
+    def label(self, value: Any) -> Label | None:
+        found = self.state.env.get(value) if isinstance(value, fx.Node) else None
+        return found if isinstance(found, Label) else None
+
+    def shape(self, value: Any = None) -> tuple[int, ...] | None:
+        return self.state.capture.shape(self.node if value is None else value)
+
+    def ndim(self, value: Any = None) -> int:
+        shape = self.shape(value)
+        return len(shape) if shape is not None else 0
+
+    def tensor_name(self, value: Any) -> str | None:
+        return self.state.capture.tensor_name(value)
+
+    def module(self) -> torch.nn.Module | None:
+        return self.state.capture.module(self.node)
+
+    def module_param(self, attr: str) -> str | None:
+        """FQN of ``attr`` on a call_module node's module, if it is a tensor there."""
+        module = self.module()
+        if module is None or getattr(module, attr, None) is None:
+            return None
+        return f"{self.node.target}.{attr}"
+
+    def tensor_inputs(self) -> list[fx.Node]:
+        flat: list[Any] = []
+        fx.node.map_arg((self.node.args, self.node.kwargs), flat.append)
+        return [n for n in flat if self.shape(n) is not None]
+
+    # -- writing -------------------------------------------------------------------------------
+    def output(self, label: Label | None | list) -> None:
+        self.state.env[self.node] = label
+
+    def new(self, count: int) -> np.ndarray:
+        return self.elements.new(count)
+
+    def member(self, name: str | None, dim: int, ids: np.ndarray, role: str) -> None:
+        if name is not None:
+            self.state.members.append(Member(name, dim, np.asarray(ids), role, self.where))
+
+    def block(self, label: Label | None, why: str) -> None:
+        if label is not None:
+            self.elements.block(label.ids, f"{why} at {self.where}")
+
+    def block_inputs(self, why: str) -> None:
+        for node in self.tensor_inputs():
+            self.block(self.label(node), why)
+
+    def normalize(self, ids: np.ndarray, why: str) -> Label | None:
+        return normalize(self.elements, ids, f"{why} at {self.where}")
+
+    def dense(self, label: Label, shape: tuple[int, ...]) -> np.ndarray:
+        return dense_ids(label, shape)
+
+    def project(self, label: Label | None, dim: int, size: int) -> np.ndarray | None:
+        """The ids along ``dim`` of a tensor labelled by ``label``; None if ``dim`` carries none."""
+        if label is None:
+            return None
+        if label.dim != dim:
+            self.block(label, "channels used as a non-channel dimension")
+            return None
+        return label.ids

@@ -1,0 +1,165 @@
+"""Analysis: walk a captured graph with the op rules and turn element classes into groups."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import fx
+
+from autosparse.analysis.context import Member, OpContext, State
+from autosparse.analysis.labels import Label
+from autosparse.analysis.registry import Registry
+from autosparse.analysis.unionfind import FIXED
+from autosparse.capture import Capture
+
+
+@dataclass
+class Group:
+    """Units that compete inside one gate, and every weight slice that follows them.
+
+    ``units`` are class roots (stable ids); ``members`` map each position of a sliced tensor
+    to the root of its class (or to a blocked/foreign root, which is always kept).
+    """
+
+    name: str
+    granularity: str  # "channel" | "head"
+    units: list[int]
+    producers: list[str]  # module names whose outputs define the units
+    sites: list[Member] = field(default_factory=list)
+    blocked: dict[int, list[str]] = field(default_factory=dict)
+
+
+@dataclass
+class Analysis:
+    """The pure result of analysing one graph."""
+
+    groups: list[Group]
+    members: list[Member]  # ids already resolved to class roots
+    unprunable: list[tuple[str, str]]  # (where, reason) for every group that cannot be gated
+    unknown_ops: list[str]
+    capture_kind: str
+    seconds: float = 0.0
+
+
+def walk(capture: Capture, rules: Registry) -> State:
+    """Run every node's rule in topological order; unknown ops block what they touch."""
+    state = State(capture)
+    for node in capture.graph.nodes:
+        ctx = OpContext(state, node)
+        if node.op in ("placeholder", "get_attr"):
+            ctx.output(None)
+            continue
+        if node.op == "output":
+            from autosparse.analysis.ops_tensor import output
+
+            output(ctx)
+            continue
+        handler = rules.lookup(node.op, node.target, capture.module(node))
+        if handler is None and _is_pointwise_aten(node.target):
+            from autosparse.analysis.ops_tensor import pointwise as handler
+        if handler is None:
+            if _touches_label(ctx):
+                name = _op_name(node)
+                state.unknown.append(f"{name} at {ctx.where}")
+                ctx.block_inputs(f"unknown op {name} (no rule; add one with op_rules)")
+            ctx.output(None)
+            continue
+        handler(ctx)
+    return state
+
+
+def _is_pointwise_aten(target) -> bool:
+    return isinstance(target, torch._ops.OpOverload) and torch.Tag.pointwise in target.tags
+
+
+def _touches_label(ctx: OpContext) -> bool:
+    return any(isinstance(ctx.state.env.get(n), (Label, list)) for n in ctx.tensor_inputs() + _list_inputs(ctx))
+
+
+def _list_inputs(ctx: OpContext) -> list:
+    flat: list = []
+    fx.node.map_arg((ctx.node.args, ctx.node.kwargs), flat.append)
+    return flat
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"module {node.target}"
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+def build_groups(state: State) -> Analysis:
+    """Resolve classes, unite tied tensors, and collect prunable groups with their gate sites."""
+    elements = state.elements
+    by_tensor: dict[tuple[str, int], list[Member]] = defaultdict(list)
+    for m in state.members:
+        by_tensor[(m.name, m.dim)].append(m)
+    for same in by_tensor.values():  # one tensor sliced in several places (tied weights): same fate
+        for other in same[1:]:
+            if len(other.ids) == len(same[0].ids):
+                elements.union_arrays(same[0].ids, other.ids)
+            else:
+                elements.block(np.concatenate([same[0].ids, other.ids]), f"'{other.name}' used with two sizes")
+    members = [Member(m.name, m.dim, elements.find_all(m.ids), m.role, m.where) for m in state.members]
+    consumed = {int(r) for m in members if m.role == "consumer" for r in np.unique(m.ids)}
+    # Units compete within a group when one producer writes them: unite roots per producer.
+    group_of: dict[int, int] = {}
+    producer_roots: list[tuple[Member, list[int]]] = []
+    for m in members:
+        if m.role != "producer":
+            continue
+        roots = [int(r) for r in dict.fromkeys(m.ids.tolist())]
+        producer_roots.append((m, roots))
+        anchor = group_of.setdefault(roots[0], roots[0])
+        for r in roots:
+            _merge(group_of, anchor, r)
+    return _assemble(state, members, consumed, group_of, producer_roots)
+
+
+def _merge(group_of: dict[int, int], a: int, b: int) -> None:
+    ra, rb = _gfind(group_of, a), _gfind(group_of, b)
+    if ra != rb:
+        group_of[max(ra, rb)] = min(ra, rb)
+
+
+def _gfind(group_of: dict[int, int], x: int) -> int:
+    group_of.setdefault(x, x)
+    while group_of[x] != x:
+        group_of[x] = group_of[group_of[x]]
+        x = group_of[x]
+    return x
+
+
+def _assemble(state, members, consumed, group_of, producer_roots) -> Analysis:
+    elements = state.elements
+    heads = {elements.find(e) for e in state.head_elements}
+    units: dict[int, list[int]] = defaultdict(list)
+    producers: dict[int, list[str]] = defaultdict(list)
+    for m, roots in producer_roots:
+        g = _gfind(group_of, roots[0])
+        owner = m.name.rsplit(".", 1)[0]
+        if owner not in producers[g]:
+            producers[g].append(owner)
+        for r in roots:
+            if r not in units[g]:
+                units[g].append(r)
+    groups, unprunable = [], []
+    for g, roots in units.items():
+        blocked = {r: elements.blocked_reasons(r) for r in roots if elements.blocked_reasons(r) or r == FIXED}
+        for r in roots:
+            if r not in blocked and r not in consumed:
+                blocked[r] = ["no weight consumes these channels (nothing to gate)"]
+        free = [r for r in roots if r not in blocked]
+        name = producers[g][0] if producers[g] else f"group{g}"
+        group = Group(name, "head" if any(r in heads for r in free) else "channel", roots, producers[g],
+                      [m for m in members if m.role == "consumer" and np.isin(m.ids, free).any()], blocked)
+        if len(free) < 2:
+            reasons = sorted({why for r in roots for why in blocked.get(r, [])})
+            why = reasons[0] if reasons else "a single unit cannot be sparsified by a normalised gate"
+            unprunable.append((name, why))
+        groups.append(group)
+    return Analysis(groups, members, unprunable, list(dict.fromkeys(state.unknown)), state.capture.kind)

@@ -1,0 +1,353 @@
+"""Rules for parameter-free tensor ops: element-wise, shape, concat/split, indexing, reductions."""
+
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+from autosparse.analysis.context import OpContext
+from autosparse.analysis.labels import Label, reshape_label
+from autosparse.analysis.registry import Registry
+from autosparse.analysis.unionfind import FIXED
+
+aten = torch.ops.aten
+
+
+def _align(ctx: OpContext, node: fx.Node, out_ndim: int) -> Label | None:
+    label = ctx.label(node)
+    if label is None:
+        return None
+    return label.moved(label.dim + out_ndim - ctx.ndim(node))
+
+
+def pointwise(ctx: OpContext) -> None:
+    """Broadcasting element-wise ops: labelled inputs unite; sliceable tensors follow; others fuse."""
+    out_shape = ctx.shape()
+    inputs = ctx.tensor_inputs()
+    if out_shape is None:
+        ctx.block_inputs("a non-tensor result")
+        return ctx.output(None)
+    labels = [lab for lab in (_align(ctx, n, len(out_shape)) for n in inputs) if lab is not None]
+    if not labels:
+        return ctx.output(None)
+    if len({lab.dim for lab in labels}) > 1:
+        for lab in labels:
+            ctx.block(lab, "an element-wise op mixing channels of different dimensions")
+        return ctx.output(None)
+    dim, ids = labels[0].dim, labels[0].ids
+    for lab in labels[1:]:
+        ctx.elements.union_arrays(ids, lab.ids)
+    for node in inputs:
+        if ctx.label(node) is not None:
+            continue
+        shape = ctx.shape(node)
+        own = dim - (len(out_shape) - len(shape))
+        if own < 0 or shape[own] == 1:
+            continue  # broadcast along the channel dim: the same value for every channel
+        name = ctx.tensor_name(node)
+        if name is not None:
+            ctx.member(name, own, ids, "follower")
+        else:
+            ctx.block(labels[0], f"an element-wise op with '{node.name}', a tensor autosparse cannot slice")
+    ctx.output(Label(dim, ids))
+
+
+def identity(ctx: OpContext) -> None:
+    ctx.output(ctx.label(ctx.arg(0)))
+
+
+def _shape_args(ctx: OpContext) -> list:
+    rest = ctx.args[1:]
+    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
+        return list(rest[0])
+    return list(rest)
+
+
+def reshape(ctx: OpContext) -> None:
+    """view/reshape/flatten/unsqueeze/...: follow positions; a split fuses the inner factors."""
+    x, out_shape = ctx.arg(0), ctx.shape()
+    label = ctx.label(x)
+    if label is None or out_shape is None:
+        return ctx.output(None)
+    new, split = reshape_label(ctx.elements, label, ctx.shape(x), out_shape, f"reshape at {ctx.where}")
+    if split and new is not None:
+        sizes = _shape_args(ctx) if ctx.node.target in _SIZED else []
+        fixed = len(sizes) == len(out_shape) and isinstance(sizes[new.dim], int) and sizes[new.dim] != -1
+        if fixed and ctx.state.capture.kind == "fx":
+            ctx.block(new, f"a reshape that hard-codes the group count {sizes[new.dim]} (channel shuffle?)")
+        ctx.state.head_elements.update(int(i) for i in new.ids)
+    ctx.output(new)
+
+
+_SIZED = {"view", "reshape", aten.view.default, aten.reshape.default, torch.reshape}
+
+
+def expand(ctx: OpContext) -> None:
+    out_shape = ctx.shape()
+    ctx.output(_align(ctx, ctx.arg(0), len(out_shape)) if out_shape else None)
+
+
+def permute(ctx: OpContext) -> None:
+    x = ctx.arg(0)
+    label, ndim = ctx.label(x), ctx.ndim(x)
+    if label is None:
+        return ctx.output(None)
+    target = ctx.node.target
+    if target in ("transpose", aten.transpose.int, torch.transpose, "swapaxes"):
+        a, b = ctx.arg(1) % ndim, ctx.arg(2) % ndim
+        perm = list(range(ndim))
+        perm[a], perm[b] = perm[b], perm[a]
+    elif target in ("t", aten.t.default):
+        perm = list(range(ndim))[::-1]
+    else:
+        perm = [int(d) % ndim for d in _shape_args(ctx)]
+    ctx.output(label.moved(perm.index(label.dim)))
+
+
+def cat(ctx: OpContext) -> None:
+    """Concatenation: along the channel dim ids are laid end to end; elsewhere inputs unite."""
+    tensors = list(ctx.arg(0))
+    out_shape = ctx.shape()
+    dim = int(ctx.arg(1, "dim", 0)) % len(out_shape)
+    labels = [ctx.label(t) for t in tensors]
+    if any(lab is not None and lab.dim == dim for lab in labels):
+        parts = [
+            lab.ids if lab is not None and lab.dim == dim else np.full(ctx.shape(t)[dim], FIXED, np.int64)
+            for t, lab in zip(tensors, labels)
+        ]
+        for lab in labels:
+            if lab is not None and lab.dim != dim:
+                ctx.block(lab, "a concat mixing channel dimensions")
+        return ctx.output(Label(dim, np.concatenate(parts)))
+    present = [lab for lab in labels if lab is not None]
+    if not present:
+        return ctx.output(None)
+    if len({lab.dim for lab in present}) > 1 or len(present) != len(labels):
+        for lab in present:
+            ctx.block(lab, "a concat of channels with unlabelled or differently labelled tensors")
+        return ctx.output(None)
+    for lab in present[1:]:
+        ctx.elements.union_arrays(present[0].ids, lab.ids)
+    ctx.output(present[0])
+
+
+def stack(ctx: OpContext) -> None:
+    tensors, out_ndim = list(ctx.arg(0)), ctx.ndim()
+    dim = int(ctx.arg(1, "dim", 0)) % out_ndim
+    labels = [ctx.label(t) for t in tensors]
+    present = [lab for lab in labels if lab is not None]
+    if not present:
+        return ctx.output(None)
+    if len(present) != len(labels) or len({lab.dim for lab in present}) > 1:
+        for lab in present:
+            ctx.block(lab, "a stack of differently labelled tensors")
+        return ctx.output(None)
+    for lab in present[1:]:
+        ctx.elements.union_arrays(present[0].ids, lab.ids)
+    d = present[0].dim
+    ctx.output(present[0].moved(d + 1 if d >= dim else d))
+
+
+def split(ctx: OpContext) -> None:
+    """split/chunk/unbind: equal parts of a channel dim must lose the same positions."""
+    x = ctx.arg(0)
+    label, shape = ctx.label(x), ctx.shape(x)
+    outs = ctx.node.meta.get("val") or ctx.node.meta.get("tensor_meta")
+    sizes = [int(o.shape[_split_dim(ctx, len(shape))]) for o in outs] if outs else []
+    dim = _split_dim(ctx, len(shape))
+    if label is None or not sizes:
+        return ctx.output([None] * max(len(sizes), 1))
+    if label.dim != dim:
+        return ctx.output([label] * len(sizes))
+    if len(set(sizes)) != 1:
+        ctx.block(label, "a split into unequal parts along the channel dim")
+        return ctx.output([None] * len(sizes))
+    parts = label.ids.reshape(len(sizes), sizes[0])
+    for part in parts[1:]:
+        ctx.elements.union_arrays(parts[0], part)
+    ctx.output([Label(dim, part.copy()) for part in parts])
+
+
+def _split_dim(ctx: OpContext, ndim: int) -> int:
+    return int(ctx.arg(2, "dim", 0)) % ndim
+
+
+def getitem(ctx: OpContext) -> None:
+    """Pick from a tuple output, or index a tensor (only full slices of the channel dim are safe)."""
+    source, index = ctx.arg(0), ctx.arg(1)
+    found = ctx.state.env.get(source)
+    if isinstance(found, list):
+        return ctx.output(found[index] if isinstance(index, int) and index < len(found) else None)
+    label = ctx.label(source)
+    if label is None or ctx.shape() is None:
+        return ctx.output(None)
+    out_dim = _index_dim(index if isinstance(index, tuple) else (index,), label.dim, ctx.ndim(source))
+    if out_dim is None:
+        ctx.block(label, "indexing into the channel dim")
+    ctx.output(None if out_dim is None else label.moved(out_dim))
+
+
+def _index_dim(index: tuple, dim: int, ndim: int) -> int | None:
+    """Where input dim ``dim`` lands after basic indexing, or None if it is indexed."""
+    consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
+    src = out = 0
+    for item in index:
+        if item is Ellipsis:
+            skip = ndim - consumed
+            if src <= dim < src + skip:
+                return out + dim - src
+            src, out = src + skip, out + skip
+        elif item is None:
+            out += 1
+        elif isinstance(item, slice) and item == slice(None):
+            if src == dim:
+                return out
+            src, out = src + 1, out + 1
+        elif src == dim:
+            return None
+        else:
+            src, out = src + 1, out + (0 if isinstance(item, int) else 1)
+    return out + dim - src if dim >= src else None
+
+
+def slice_op(ctx: OpContext) -> None:
+    x = ctx.arg(0)
+    label, shape = ctx.label(x), ctx.shape(x)
+    if label is None:
+        return ctx.output(None)
+    if int(ctx.arg(1, "dim", 0)) % len(shape) == label.dim and ctx.shape()[label.dim] != shape[label.dim]:
+        ctx.block(label, "slicing part of the channel dim")
+        return ctx.output(None)
+    ctx.output(label)
+
+
+def select(ctx: OpContext) -> None:
+    x = ctx.arg(0)
+    label = ctx.label(x)
+    if label is None:
+        return ctx.output(None)
+    dim = int(ctx.arg(1)) % ctx.ndim(x)
+    if dim == label.dim:
+        ctx.block(label, "selecting one position of the channel dim")
+        return ctx.output(None)
+    ctx.output(label.moved(label.dim - (dim < label.dim)))
+
+
+def reduction(ctx: OpContext) -> None:
+    """sum/mean/amax/var/...: reducing over channels makes them unprunable; others shift."""
+    x = ctx.arg(0)
+    label, ndim = ctx.label(x), ctx.ndim(x)
+    if label is None:
+        return ctx.output(None)
+    dims = ctx.arg(1, "dim", None)
+    dims = list(range(ndim)) if dims is None or dims == [] else [dims] if isinstance(dims, int) else list(dims)
+    dims = sorted(int(d) % ndim for d in dims)
+    if label.dim in dims:
+        ctx.block(label, f"a reduction ({_name(ctx)}) over the channel dim")
+        return ctx.output(None)
+    keep = ctx.ndim() == ndim
+    ctx.output(label if keep else label.moved(label.dim - sum(d < label.dim for d in dims)))
+
+
+def along_dim(ctx: OpContext) -> None:
+    """softmax/cumsum/...: an op that mixes positions along one dim given as argument 1."""
+    x = ctx.arg(0)
+    label = ctx.label(x)
+    if label is not None and int(ctx.arg(1, "dim", -1)) % ctx.ndim(x) == label.dim:
+        ctx.block(label, f"{_name(ctx)} across the channel dim")
+        return ctx.output(None)
+    ctx.output(label)
+
+
+def size(ctx: OpContext) -> None:
+    """Reading a channel count is safe only where it feeds shapes (views), not arithmetic on values."""
+    x = ctx.arg(0)
+    label = ctx.label(x)
+    if label is not None and not _feeds_only_shapes(ctx.node):
+        ctx.block(label, "its size is used in a computation")
+    ctx.output(None)
+
+
+_SHAPE_USERS = {"view", "reshape", "expand", "repeat", "flatten", "new_zeros", "new_ones", "new_empty"}
+
+
+def _feeds_only_shapes(node: fx.Node, depth: int = 0) -> bool:
+    for user in node.users:
+        if user.op == "call_method" and user.target in _SHAPE_USERS and user.args[0] is not node:
+            continue
+        if user.target in (operator.getitem, operator.floordiv, operator.mul) and depth < 4:
+            if _feeds_only_shapes(user, depth + 1):
+                continue
+        if user.target in (torch.reshape,) and user.args[0] is not node:
+            continue
+        return False
+    return True
+
+
+def output(ctx: OpContext) -> None:
+    flat: list = []
+    fx.node.map_arg(ctx.args, flat.append)
+    for node in flat:
+        found = ctx.state.env.get(node)
+        for lab in found if isinstance(found, list) else [found]:
+            if isinstance(lab, Label):
+                ctx.elements.block(lab.ids, "channels reach the model's outputs")
+    ctx.output(None)
+
+
+def _name(ctx: OpContext) -> str:
+    target = ctx.node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", str(target))
+
+
+_POINTWISE_FUNCS = [
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
+    operator.iadd, operator.isub, operator.imul, operator.itruediv,
+    torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.exp, torch.log,
+    torch.sqrt, torch.rsqrt, torch.abs, torch.clamp, torch.where, torch.maximum, torch.minimum,
+    torch.sin, torch.cos, torch.tanh, torch.sigmoid, torch.relu, torch.erf, torch.square,
+    F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid, F.leaky_relu,
+    F.elu, F.mish, F.softplus, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
+]
+_POINTWISE_METHODS = [
+    "add", "sub", "mul", "div", "neg", "pow", "exp", "log", "sqrt", "rsqrt", "abs", "clamp",
+    "sigmoid", "tanh", "relu", "add_", "mul_", "sub_", "div_", "relu_", "sigmoid_", "masked_fill",
+    "float", "half", "bfloat16", "double", "to", "type", "type_as", "contiguous", "clone", "detach",
+    "__add__", "__mul__", "__sub__", "__truediv__", "__radd__", "__rmul__",
+]
+_IDENTITY_ATEN = [
+    aten.dropout, aten.alias, aten.clone, aten.contiguous, aten.to, aten._to_copy, aten.detach,
+    aten.lift_fresh_copy, aten.type_as, aten.feature_dropout, aten.native_dropout,
+]
+
+
+def register(rules: Registry) -> None:
+    rules.register(_POINTWISE_FUNCS + _POINTWISE_METHODS, pointwise)
+    rules.register(_IDENTITY_ATEN, pointwise)
+    rules.register(
+        ["view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
+         torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten,
+         aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.squeeze,
+         aten.unsqueeze, torch.nn.Flatten, torch.nn.Unflatten], reshape)
+    rules.register(["expand", "expand_as", aten.expand, aten.expand_as], expand)
+    rules.register(["permute", "transpose", "t", "swapaxes", torch.permute, torch.transpose,
+                    aten.permute, aten.transpose, aten.t], permute)
+    rules.register([torch.cat, torch.concat, aten.cat, aten.concat], cat)
+    rules.register([torch.stack, aten.stack], stack)
+    rules.register(["split", "chunk", torch.split, torch.chunk, aten.split, aten.split_with_sizes,
+                    aten.chunk, aten.unsafe_split], split)
+    rules.register(operator.getitem, getitem)
+    rules.register([aten.slice, aten.narrow, "narrow", torch.narrow], slice_op)
+    rules.register([aten.select, "select", torch.select], select)
+    rules.register(["sum", "mean", "amax", "amin", "var", "std", "prod", "norm", "logsumexp",
+                    torch.sum, torch.mean, torch.amax, torch.amin, torch.var, torch.std,
+                    aten.sum, aten.mean, aten.amax, aten.amin, aten.var, aten.std, aten.prod,
+                    aten.logsumexp, aten.linalg_vector_norm], reduction)
+    rules.register(["softmax", "log_softmax", "cumsum", torch.softmax, torch.log_softmax, F.softmax,
+                    F.log_softmax, torch.cumsum, aten._softmax, aten.softmax, aten._log_softmax,
+                    aten.log_softmax, aten.cumsum], along_dim)
+    rules.register(["size", aten.sym_size], size)

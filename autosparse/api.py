@@ -1,0 +1,151 @@
+"""The public verbs: sparsify, gates, penalty, compact."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from autosparse.analysis import analyze
+from autosparse.analysis.registry import Handler, RuleKey
+from autosparse.capture import capture
+from autosparse.compaction import compact_model
+from autosparse.errors import AlreadySparsifiedError, ExampleInputsError
+from autosparse.gates import Gate, GateSite
+from autosparse.plan import Plan, make_plan
+from autosparse.policy import Policy, load_policy
+from autosparse.state import STATE_ATTR, SparsityState, get_state, is_sparsified
+
+
+def sparsify(
+    model: nn.Module,
+    policy: Policy | Mapping[str, Any] | str,
+    *,
+    example_inputs: tuple | torch.Tensor | None = None,
+    inplace: bool = False,
+    op_rules: Mapping[RuleKey, Handler] | None = None,
+) -> nn.Module:
+    """Attach differentiable gates to every group of coupled units the policy selects.
+
+    Args:
+        model: any ``nn.Module``; it keeps its class (a Hugging Face model stays one).
+        policy: a YAML path, a dict, or a :class:`~autosparse.policy.Policy`.
+        example_inputs: positional inputs for one forward pass (shapes drive the analysis).
+        inplace: gate ``model`` itself instead of a deep copy.
+        op_rules: extra op rules ``{key: handler}`` for ops autosparse does not know.
+
+    Returns:
+        The gated model. Freshly gated, it computes exactly what ``model`` computed.
+
+    Raises:
+        PolicyError: the policy is malformed. ExampleInputsError / CaptureError: the model could not
+        be run or captured. NoGatesError: the policy selects nothing in this model.
+
+    Example:
+        >>> net = autosparse.sparsify(net, "configs/channels.yaml", example_inputs=(x,))
+        >>> loss = criterion(net(x), y) + autosparse.penalty(net)
+    """
+    policy = load_policy(policy)
+    if not isinstance(model, nn.Module):
+        raise ExampleInputsError(f"sparsify expects a torch.nn.Module, got {type(model).__name__}")
+    if is_sparsified(model):
+        raise AlreadySparsifiedError(
+            f"{type(model).__name__} is already sparsified; compact it or start from the original model"
+        )
+    captured = capture(model, example_inputs)
+    plan = make_plan(policy, analyze(captured, op_rules), model)
+    target = model if inplace else copy.deepcopy(model)
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    kwargs = {"use_cache": False} if "use_cache" in _forward_params(model) else {}
+    gate_list = _attach(target, plan, policy)
+    target.__dict__[STATE_ATTR] = SparsityState(plan, policy, tuple(inputs), kwargs, gate_list)
+    return target
+
+
+def _forward_params(model: nn.Module) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _attach(model: nn.Module, plan: Plan, policy: Policy) -> list[Gate]:
+    """Create the gates and their weight parametrizations; undone completely on any failure.
+
+    Each gate is registered as a submodule of the parametrization of its first site, so it
+    appears once in ``state_dict`` and containers such as ``nn.Sequential`` stay untouched.
+    """
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    gate_list = [
+        Gate(gg.name, gg.group.granularity, len(gg.units), tau=policy.gate.tau,
+             modules=gg.group.producers, penalty_weight=gg.rule.penalty_weight).to(device)
+        for gg in plan.gated
+    ]
+    owned: set[int] = set()
+    done: list[tuple[nn.Module, str]] = []
+    try:
+        for (name, dim), (used, index) in plan.site_indices().items():
+            owner_name, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_name)
+            site = GateSite([gate_list[i] for i in used], index, dim, getattr(owner, attr).ndim).to(device)
+            for i in used:
+                if i not in owned:
+                    site.add_module(f"gate_{plan.gated[i].key}", gate_list[i])
+                    owned.add(i)
+            parametrize.register_parametrization(owner, attr, site, unsafe=True)
+            done.append((owner, attr))
+    except Exception:
+        for owner, attr in reversed(done):
+            parametrize.remove_parametrizations(owner, attr, leave_parametrized=False)
+        raise
+    return gate_list
+
+
+def gates(model: nn.Module) -> dict[str, Gate]:
+    """The gates of a sparsified model, by group name.
+
+    Example:
+        >>> for name, gate in autosparse.gates(net).items():
+        ...     print(name, gate.granularity, gate.kept(), "/", gate.size)
+    """
+    state = get_state(model)
+    return {gg.name: gate for gg, gate in zip(state.plan.gated, state.gate_list())}
+
+
+def penalty(model: nn.Module) -> torch.Tensor:
+    """The sparsity regulariser ``lambda * sum_g w_g * ||shares_g||_p`` to add to the loss.
+
+    Example:
+        >>> loss = criterion(net(x), y) + autosparse.penalty(net)
+    """
+    state = get_state(model)
+    cfg = state.policy.penalty
+    terms = [gate.penalty(cfg.p) for gate in state.gate_list()]
+    return cfg.lam * torch.stack(terms).sum()
+
+
+def compact(model: nn.Module, *, verify: bool = True, inplace: bool = False, rtol: float = 1e-5) -> nn.Module:
+    """Remove zeroed units physically, fold gate values into weights, and check equivalence.
+
+    Args:
+        model: a model returned by :func:`sparsify` (and trained).
+        verify: run the stored example inputs through both models and raise if they differ.
+        inplace: mutate ``model`` instead of a copy (no verification is possible then).
+        rtol: allowed max abs difference relative to the output scale.
+
+    Returns:
+        A model of the original classes with smaller weights and no gates.
+
+    Raises:
+        NotSparsifiedError: ``model`` has no gates. EquivalenceError: verification failed.
+
+    Example:
+        >>> small = autosparse.compact(net)
+    """
+    return compact_model(model, inplace, verify, rtol)

@@ -1,0 +1,162 @@
+"""Capture: model -> fx graph with shapes and parameter names, for analysis only.
+
+Two tracers are tried in order. ``torch.fx.symbolic_trace`` is fast (ResNet-50: well under a
+second) and keeps ``call_module`` nodes; it fails on data-dependent control flow and on Hugging
+Face transformers v5 models. ``torch.export.export(strict=False)`` is slower but captures those as
+a graph of aten ops whose weight placeholders name the model's parameters. The gates and the
+surgery always act on the user's own eager modules; the graph only tells what is coupled.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from autosparse.errors import CaptureError, ExampleInputsError
+
+
+@dataclass
+class Capture:
+    """An fx graph of a model plus what analysis needs to read it."""
+
+    graph: fx.Graph
+    kind: str  # "fx" (symbolic_trace) or "export" (torch.export, aten ops)
+    root: nn.Module | None  # the GraphModule whose submodules a "fx" graph's call_module targets
+    tensor_names: dict[str, str] = field(default_factory=dict)  # node name -> parameter/buffer FQN
+    seconds: float = 0.0
+
+    def shape(self, node: Any) -> tuple[int, ...] | None:
+        """The static shape of a node's tensor output, or None when it is not a tensor."""
+        if not isinstance(node, fx.Node):
+            return None
+        meta = node.meta.get("val", node.meta.get("tensor_meta"))
+        shape = getattr(meta, "shape", None)
+        if shape is None:
+            return None
+        try:
+            return tuple(int(s) for s in shape)
+        except (TypeError, ValueError):  # symbolic sizes: treat as unknown
+            return None
+
+    def tensor_name(self, node: Any) -> str | None:
+        """The FQN of the parameter or buffer a node stands for (get_attr or lifted placeholder)."""
+        if not isinstance(node, fx.Node):
+            return None
+        if node.op == "get_attr":
+            return str(node.target)
+        return self.tensor_names.get(node.name)
+
+    def module(self, node: fx.Node) -> nn.Module | None:
+        if node.op == "call_module" and self.root is not None:
+            return self.root.get_submodule(str(node.target))
+        return None
+
+    def where(self, node: fx.Node) -> str:
+        """A readable location for messages: the owning module path and the node name."""
+        if node.op == "call_module":
+            return f"module '{node.target}'"
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            path = list(stack.values())[-1][0]
+            path = path.replace("L['self'].", "").replace("L__self___", "")
+            return f"node '{node.name}' in module '{path or '<root>'}'"
+        return f"node '{node.name}'"
+
+
+def _normalize_inputs(model: nn.Module, example_inputs: Any) -> tuple:
+    if example_inputs is None:
+        raise ExampleInputsError(
+            f"{type(model).__name__}: example_inputs are required to analyse the model's shapes; "
+            "pass a tuple of positional inputs, e.g. example_inputs=(torch.randn(1, 3, 224, 224),)"
+        )
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        raise ExampleInputsError(
+            f"example_inputs must be a tuple of positional inputs, got {type(example_inputs).__name__}"
+        )
+    return tuple(example_inputs)
+
+
+def _call_kwargs(model: nn.Module) -> dict[str, Any]:
+    """Extra keyword inputs for a stable capture: Hugging Face caches make graphs data dependent."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {"use_cache": False} if "use_cache" in params else {}
+
+
+def _check_runs(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]) -> None:
+    try:
+        with torch.no_grad():
+            model(*inputs, **kwargs)
+    except Exception as exc:  # the user's forward: any failure means the inputs do not fit
+        raise ExampleInputsError(
+            f"{type(model).__name__} fails on the given example_inputs "
+            f"({', '.join(str(tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__ for t in inputs)}): "
+            f"{type(exc).__name__}: {exc}. Pass inputs the model accepts."
+        ) from exc
+
+
+def _trace_fx(model: nn.Module, inputs: tuple) -> Capture:
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    gm = fx.symbolic_trace(model)
+    with torch.no_grad():
+        ShapeProp(gm).propagate(*inputs)
+    return Capture(gm.graph, "fx", gm)
+
+
+def _trace_export(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]) -> Capture:
+    program = torch.export.export(model, inputs, kwargs=kwargs or None, strict=False)
+    sig = program.graph_signature
+    names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    names.update(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
+    return Capture(program.graph, "export", None, names)
+
+
+def _is_hf(model: nn.Module) -> bool:
+    return any(cls.__module__.startswith("transformers.") for cls in type(model).__mro__)
+
+
+def capture(model: nn.Module, example_inputs: Any) -> Capture:
+    """Capture ``model``'s graph for analysis, leaving the model exactly as it was.
+
+    The model runs in eval mode under ``no_grad`` (so BatchNorm statistics do not move) and each
+    submodule's training flag is restored afterwards, also on failure.
+
+    Raises:
+        ExampleInputsError: inputs missing or not accepted by the model.
+        CaptureError: neither torch.fx nor torch.export could capture the model.
+    """
+    inputs = _normalize_inputs(model, example_inputs)
+    kwargs = _call_kwargs(model)
+    modes = {m: m.training for m in model.modules()}
+    start = time.perf_counter()
+    errors: list[str] = []
+    try:
+        model.eval()
+        _check_runs(model, inputs, kwargs)
+        attempts = [] if _is_hf(model) or kwargs else [("torch.fx.symbolic_trace", lambda: _trace_fx(model, inputs))]
+        attempts.append(("torch.export", lambda: _trace_export(model, inputs, kwargs)))
+        for name, attempt in attempts:
+            try:
+                result = attempt()
+                result.seconds = time.perf_counter() - start
+                return result
+            except Exception as exc:  # tracer failures come in many types; each is reported below
+                errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    raise CaptureError(
+        f"could not capture {type(model).__name__}: " + "; ".join(errors) + ". "
+        "Make data-dependent control flow static (or move it out of forward), or check that "
+        "example_inputs match what the model expects."
+    )

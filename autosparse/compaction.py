@@ -1,0 +1,127 @@
+"""Compaction: fold gate values into weights, physically remove zeroed units, verify equivalence."""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from autosparse.errors import CompactionError, EquivalenceError
+from autosparse.gates import GateSite
+from autosparse.state import SparsityState, get_state
+from autosparse.surgery import fix_attributes, slice_tensor
+
+
+@dataclass
+class Record:
+    """What a compaction removed: per tensor and dim, the kept positions. Replayable with ``load``."""
+
+    kept: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # tensor -> {dim: positions}
+    groups: dict[str, dict[str, int]] = field(default_factory=dict)  # group -> {before, after}
+
+
+def removed_units(state: SparsityState) -> tuple[set[int], dict[str, dict[str, int]]]:
+    """Class roots to remove: units whose gate is zero, within each rule's min_keep and round_to."""
+    removed, summary = set(), {}
+    for gg, gate in zip(state.plan.gated, state.gate_list()):
+        with torch.no_grad():
+            values = gate.values().detach().cpu()
+        n = len(gg.units)
+        order = torch.argsort(values * 0 + gate.gamma.detach().float().cpu(), descending=True)
+        alive = [i for i in range(n) if values[i] != 0]
+        keep_n = max(len(alive), gg.rule.resolve_min_keep(n))
+        keep_n = gg.rule.round_keep(keep_n, n)
+        keep = set(alive)
+        for i in order.tolist():  # extra units (zero gate: they contribute nothing) to honour limits
+            if len(keep) >= keep_n:
+                break
+            keep.add(i)
+        removed.update(gg.units[i] for i in range(n) if i not in keep)
+        summary[gg.name] = {"before": n, "after": len(keep)}
+    return removed, summary
+
+
+def compact_model(model: nn.Module, inplace: bool, verify: bool, rtol: float) -> nn.Module:
+    """Return a compacted copy (or ``model`` itself when ``inplace``) with no gates left."""
+    state = get_state(model)
+    removed, summary = removed_units(state)
+    target = model if inplace else copy.deepcopy(model)
+    try:
+        record = _apply(target, state, removed)
+    except Exception as exc:
+        raise CompactionError(f"compaction failed: {type(exc).__name__}: {exc}") from exc
+    record.groups = summary
+    target._autosparse_record = record
+    if verify and state.example_inputs is not None and not inplace:
+        check_equivalence(model, target, state, rtol)
+    return target
+
+
+def _apply(model: nn.Module, state: SparsityState, removed: set[int]) -> Record:
+    _fold_gates(model)
+    model.__dict__.pop("_autosparse", None)
+    by_tensor: dict[tuple[str, int], np.ndarray] = {}
+    for m in state.plan.analysis.members:
+        by_tensor.setdefault((m.name, m.dim), m.ids)
+    removed_arr = np.fromiter(removed, dtype=np.int64, count=len(removed))
+    record = Record()
+    old_shapes: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
+    for (name, dim), ids in by_tensor.items():
+        keep = np.flatnonzero(~np.isin(ids, removed_arr))
+        if len(keep) == len(ids):
+            continue
+        owner, _, attr = name.rpartition(".")
+        old_shapes[owner].setdefault(attr, tuple(model.get_submodule(owner).get_parameter(attr).shape)
+                                     if attr in dict(model.get_submodule(owner).named_parameters(recurse=False))
+                                     else tuple(getattr(model.get_submodule(owner), attr).shape))
+        slice_tensor(model, name, dim, torch.as_tensor(keep, dtype=torch.long))
+        record.kept.setdefault(name, {})[str(dim)] = keep.tolist()
+    for owner, shapes in old_shapes.items():
+        fix_attributes(model.get_submodule(owner), shapes)
+    return record
+
+
+def _fold_gates(model: nn.Module) -> None:
+    """Bake every gate site into its weight (W * g), leaving plain parameters."""
+    for module in list(model.modules()):
+        if not parametrize.is_parametrized(module):
+            continue
+        # A deep copy shares the dynamically created Parametrized* class with the original, and
+        # removing a parametrization deletes the property from that class: give this instance its
+        # own class first, or the gated model we were given would lose its weights.
+        cls = type(module)
+        module.__class__ = type(cls.__name__, cls.__bases__, {
+            k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")})
+        for attr in list(module.parametrizations.keys()):
+            if any(isinstance(p, GateSite) for p in module.parametrizations[attr]):
+                with torch.no_grad():
+                    parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+
+
+def check_equivalence(gated: nn.Module, compact: nn.Module, state: SparsityState, rtol: float) -> float:
+    """Max abs difference of all outputs relative to the output scale; raises over ``rtol``."""
+    from autosparse.state import flatten_outputs, run_model
+
+    ref = flatten_outputs(run_model(gated, state))
+    out = flatten_outputs(run_model(compact, state))
+    if len(ref) != len(out):
+        raise EquivalenceError(f"compacted model returns {len(out)} tensors, gated model {len(ref)}")
+    worst = 0.0
+    for a, b in zip(ref, out):
+        if a.shape != b.shape:
+            raise EquivalenceError(f"output shape changed: {tuple(a.shape)} -> {tuple(b.shape)}")
+        scale = max(float(a.abs().max()), 1e-6) if a.numel() else 1.0
+        worst = max(worst, float((a.float() - b.float()).abs().max()) / scale if a.numel() else 0.0)
+    if worst > rtol:
+        raise EquivalenceError(
+            f"compacted model differs from the gated model by {worst:.3g} (relative, allowed {rtol:g}). "
+            f"Groups involved: {', '.join(gg.name for gg in state.plan.gated[:6])}. "
+            "This is a bug in autosparse's analysis for this architecture; please report it with "
+            "autosparse.explain(model)."
+        )
+    return worst

@@ -1,0 +1,116 @@
+"""Plan: policy x analysis -> which groups get a gate, with their limits. Pure; nothing is mutated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch import nn
+
+from autosparse.analysis import Analysis, Group
+from autosparse.errors import NoGatesError, warn
+from autosparse.policy import Policy, Rule
+
+
+@dataclass
+class GatedGroup:
+    """A group that gets a gate: its analysed structure and the rule that selected it."""
+
+    key: str  # state_dict-safe name
+    group: Group
+    rule: Rule
+    units: list[int]  # class roots gated, in gate order
+
+    @property
+    def name(self) -> str:
+        return self.group.name
+
+
+@dataclass
+class Plan:
+    """Everything ``sparsify`` will do, decided before the model is touched."""
+
+    gated: list[GatedGroup]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (group, reason)
+    analysis: Analysis | None = None
+
+    def site_indices(self) -> dict[tuple[str, int], tuple[list[int], np.ndarray]]:
+        """For each consumer (tensor, dim): the gates it reads and its position -> value index."""
+        offsets, order = {}, {}
+        for i, gg in enumerate(self.gated):
+            for j, root in enumerate(gg.units):
+                order[root] = (i, j)
+        sites: dict[tuple[str, int], tuple[list[int], np.ndarray]] = {}
+        for member in self.analysis.members if self.analysis else []:
+            if member.role != "consumer" or (member.name, member.dim) in sites:
+                continue
+            used = sorted({order[int(r)][0] for r in member.ids if int(r) in order})
+            if not used:
+                continue
+            for k, gi in enumerate(used):
+                offsets[gi] = sum(len(self.gated[u].units) for u in used[:k])
+            ones = sum(len(self.gated[u].units) for u in used)
+            index = np.array([offsets[order[int(r)][0]] + order[int(r)][1] if int(r) in order else ones
+                              for r in member.ids], dtype=np.int64)
+            sites[(member.name, member.dim)] = (used, index)
+        return sites
+
+
+def _key(name: str, taken: set[str]) -> str:
+    base = name.replace(".", "__") or "root"
+    key, n = base, 1
+    while key in taken:
+        n += 1
+        key = f"{base}_{n}"
+    taken.add(key)
+    return key
+
+
+def make_plan(policy: Policy, analysis: Analysis, model: nn.Module) -> Plan:
+    """Match every prunable group against the policy's rules (first match wins).
+
+    Raises:
+        NoGatesError: no group matched any rule (the message lists why groups were skipped).
+    """
+    modules = dict(model.named_modules())
+    gated, skipped, taken = [], [], set()
+    used_rules: set[int] = set()
+    for group in analysis.groups:
+        free = [r for r in group.units if r not in group.blocked]
+        if len(free) < 2:
+            continue
+        rule = _first_rule(policy, group, modules)
+        if rule is None:
+            skipped.append((group.name, f"no {group.granularity} rule matches {group.producers}"))
+            continue
+        used_rules.add(id(rule))
+        gated.append(GatedGroup(_key(group.name, taken), group, rule, free))
+    for rule in policy.rules:
+        if id(rule) not in used_rules:
+            warn(f"policy rule '{rule.name}' ({rule.granularity}) matched no prunable group")
+    if not gated:
+        raise NoGatesError(_nothing_message(policy, analysis, skipped))
+    return Plan(gated, skipped, analysis)
+
+
+def _first_rule(policy: Policy, group: Group, modules: dict[str, nn.Module]) -> Rule | None:
+    for rule in policy.rules:
+        if str(rule.granularity) != group.granularity:
+            continue
+        if any(rule.matches(name, modules.get(name)) for name in group.producers):
+            return rule
+    return None
+
+
+def _nothing_message(policy: Policy, analysis: Analysis, skipped: list[tuple[str, str]]) -> str:
+    wanted = sorted({str(r.granularity) for r in policy.rules})
+    found = sorted({g.granularity for g in analysis.groups if len(g.units) - len(g.blocked) >= 2})
+    lines = [f"the policy (granularity {', '.join(wanted)}) selected no prunable group."]
+    if not found:
+        lines.append("The model has no prunable groups at all.")
+    else:
+        lines.append(f"Prunable groups exist at granularity: {', '.join(found)}; add a rule for them.")
+    for where, why in (analysis.unprunable + skipped)[:8]:
+        lines.append(f"  - {where}: {why}")
+    lines.append("Run autosparse.explain(model, example_inputs=...) for the full analysis.")
+    return "\n".join(lines)

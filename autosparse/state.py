@@ -1,0 +1,74 @@
+"""The bookkeeping a sparsified model carries: its plan, policy and example inputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from autosparse.errors import NotSparsifiedError
+from autosparse.gates import Gate
+from autosparse.plan import Plan
+from autosparse.policy import Policy
+
+STATE_ATTR = "_autosparse"
+
+
+@dataclass
+class SparsityState:
+    """Attached to a sparsified model as ``model._autosparse`` (a plain attribute, not a module)."""
+
+    plan: Plan
+    policy: Policy
+    example_inputs: tuple | None
+    example_kwargs: dict[str, Any] = field(default_factory=dict)
+    gates: list[Gate] = field(default_factory=list)  # owned by the parametrizations, in plan order
+    step: int = 0
+
+    def gate_list(self) -> list[Gate]:
+        return self.gates
+
+
+def get_state(model: nn.Module) -> SparsityState:
+    """The state of a sparsified model, or a :class:`NotSparsifiedError` that says what to do."""
+    if not isinstance(model, nn.Module):
+        raise NotSparsifiedError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    inner = getattr(model, "module", None)  # DistributedDataParallel / DataParallel wrappers
+    if STATE_ATTR not in model.__dict__ and isinstance(inner, nn.Module) and STATE_ATTR in inner.__dict__:
+        model = inner
+    state = model.__dict__.get(STATE_ATTR)
+    if state is None:
+        raise NotSparsifiedError(
+            f"{type(model).__name__} has no autosparse gates; call autosparse.sparsify(model, policy, "
+            "example_inputs=...) first (compact() returns a model without gates)."
+        )
+    return state
+
+
+def is_sparsified(model: nn.Module) -> bool:
+    return STATE_ATTR in getattr(model, "__dict__", {})
+
+
+def run_model(model: nn.Module, state: SparsityState) -> Any:
+    """Run the stored example inputs in eval mode under no_grad, restoring training flags."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            return model(*state.example_inputs, **state.example_kwargs)
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+
+
+def flatten_outputs(out: Any) -> list[torch.Tensor]:
+    """Every tensor in a (nested) output: tensors, tuples, lists, dicts, Hugging Face ModelOutput."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict) or hasattr(out, "to_tuple"):
+        return [t for v in out.values() for t in flatten_outputs(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in flatten_outputs(v)]
+    return []
