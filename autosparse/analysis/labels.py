@@ -114,9 +114,8 @@ def reshape_label(
         local = [1] * len(gi)
         local[gi.index(label.dim)] = len(label.ids)
         ids = np.broadcast_to(label.ids.reshape(local), in_sizes).reshape([dst[d] for d in gj])
-        full = np.zeros([1] * len(dst), dtype=np.int64)
         view = [1] * len(dst)
-        for k, d in enumerate(gj):
+        for d in gj:
             view[d] = dst[d]
         full = ids.reshape(view)
         before = len(set(elements.find_all(label.ids).tolist()))
