@@ -119,15 +119,22 @@ def gates(model: nn.Module) -> dict[str, Gate]:
 
 
 def penalty(model: nn.Module) -> torch.Tensor:
-    """The sparsity regulariser ``lambda * sum_g w_g * ||shares_g||_p`` to add to the loss.
+    """The sparsity regulariser ``lambda_t * sum_g c_g * w_g * ||shares_g||_p`` to add to the loss.
+
+    ``lambda_t`` is the policy's lambda times the warm-up factor and, with a budget target, the
+    controller's scale; ``c_g`` is the group's cost weight (``penalty.cost_weighting``, else 1) and
+    ``w_g`` its rule's ``penalty_weight``. Zero once the gates are frozen. Schedules advance with
+    :func:`autosparse.training.step` or :func:`autosparse.training.attach`.
+
+    Raises:
+        NotSparsifiedError: ``model`` has no gates. PolicyError: the budget target is unreachable.
 
     Example:
         >>> loss = criterion(net(x), y) + autosparse.penalty(net)
     """
-    state = get_state(model)
-    cfg = state.policy.penalty
-    terms = [gate.penalty(cfg.p) for gate in state.gate_list()]
-    return cfg.lam * torch.stack(terms).sum()
+    from autosparse.training import penalty_value  # training builds on the verbs of this module
+
+    return penalty_value(model)
 
 
 def compact(model: nn.Module, *, verify: bool = True, inplace: bool = False, rtol: float = 1e-5) -> nn.Module:

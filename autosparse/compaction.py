@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from collections import defaultdict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -13,8 +12,8 @@ from torch.nn.utils import parametrize
 
 from autosparse.errors import CompactionError, EquivalenceError
 from autosparse.gates import GateSite
+from autosparse.replay import replay
 from autosparse.state import SparsityState, get_state
-from autosparse.surgery import fix_attributes, slice_tensor
 
 
 @dataclass
@@ -70,19 +69,13 @@ def _apply(model: nn.Module, state: SparsityState, removed: set[int]) -> Record:
         by_tensor.setdefault((m.name, m.dim), m.ids)
     removed_arr = np.fromiter(removed, dtype=np.int64, count=len(removed))
     record = Record()
-    old_shapes: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
     for (name, dim), ids in by_tensor.items():
         keep = np.flatnonzero(~np.isin(ids, removed_arr))
-        if len(keep) == len(ids):
-            continue
-        owner, _, attr = name.rpartition(".")
-        old_shapes[owner].setdefault(attr, tuple(model.get_submodule(owner).get_parameter(attr).shape)
-                                     if attr in dict(model.get_submodule(owner).named_parameters(recurse=False))
-                                     else tuple(getattr(model.get_submodule(owner), attr).shape))
-        slice_tensor(model, name, dim, torch.as_tensor(keep, dtype=torch.long))
-        record.kept.setdefault(name, {})[str(dim)] = keep.tolist()
-    for owner, shapes in old_shapes.items():
-        fix_attributes(model.get_submodule(owner), shapes)
+        if len(keep) < len(ids):
+            record.kept.setdefault(name, {})[str(dim)] = keep.tolist()
+    # The shapes before slicing are only known here; save() stores their hash so that load()
+    # can tell whether a base model is the architecture this record was made on.
+    record.base_shapes = replay(model, record.kept)
     return record
 
 
@@ -108,7 +101,14 @@ def check_equivalence(gated: nn.Module, compact: nn.Module, state: SparsityState
     from autosparse.state import flatten_outputs, run_model
 
     ref = flatten_outputs(run_model(gated, state))
-    out = flatten_outputs(run_model(compact, state))
+    try:
+        out = flatten_outputs(run_model(compact, state))
+    except Exception as exc:  # the compacted forward itself failed: stale attributes or an unknown layout
+        raise EquivalenceError(
+            f"the compacted model fails on the example inputs ({type(exc).__name__}: {exc}). A module "
+            "probably keeps a size attribute autosparse does not know; register a fixer in "
+            "autosparse.surgery.FIXERS for it, or exclude its group in the policy."
+        ) from exc
     if len(ref) != len(out):
         raise EquivalenceError(f"compacted model returns {len(out)} tensors, gated model {len(ref)}")
     worst = 0.0

@@ -435,7 +435,8 @@ def _warn_suspicious(policy: Policy) -> None:
             )
         for j, earlier in enumerate(policy.rules[:i]):
             if (
-                not earlier.types
+                earlier.granularity == rule.granularity
+                and not earlier.types
                 and not earlier.exclude
                 and all(any(_covers(p, m) for p in earlier.modules) for m in rule.modules)
             ):

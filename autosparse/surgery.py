@@ -90,3 +90,44 @@ def _prelu(m: nn.PReLU, old: dict[str, tuple[int, ...]]) -> None:
 @fixer("Conv1D")  # Hugging Face GPT-2 style (in, out) weight
 def _hf_conv1d(m: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
     m.nx, m.nf = m.weight.shape
+
+
+# --------------------------------------------------------------------------- attention containers
+_Q_NAMES = ("q_proj", "query", "q", "c_attn", "qkv", "Wqkv")
+_K_NAMES = ("k_proj", "key", "k")
+_HEAD_DIM_NAMES = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size")
+
+
+def _out_features(module: nn.Module) -> int | None:
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return None
+    return weight.shape[1] if type(module).__name__ == "Conv1D" else weight.shape[0]
+
+
+def fix_attention(module: nn.Module) -> bool:
+    """Rewrite head counts of an attention module from its (sliced) projections.
+
+    Hugging Face attention classes and most hand-written ones keep ``num_heads``-like integers
+    that their forward uses for views and splits; after heads are removed they must agree with
+    the weights or a later forward crashes (or, worse, regroups heads). Returns True if fixed.
+    """
+    head_dim = next((getattr(module, n) for n in _HEAD_DIM_NAMES if isinstance(getattr(module, n, None), int)),
+                    None)
+    q = next((getattr(module, n) for n in _Q_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
+    if not head_dim or q is None or _out_features(q) is None:
+        return False
+    fused = 3 if type(q).__name__ == "Conv1D" or "qkv" in str(type(q)).lower() else 1
+    n_q = _out_features(q) // fused // head_dim
+    k = next((getattr(module, n) for n in _K_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
+    n_kv = _out_features(k) // head_dim if k is not None and _out_features(k) else n_q
+    for attr in ("num_heads", "num_attention_heads", "n_heads", "n_head"):
+        if isinstance(getattr(module, attr, None), int):
+            setattr(module, attr, n_q)
+    for attr in ("num_key_value_heads", "num_kv_heads"):
+        if isinstance(getattr(module, attr, None), int):
+            setattr(module, attr, n_kv)
+    for attr in ("all_head_size", "inner_dim", "split_size"):
+        if isinstance(getattr(module, attr, None), int):
+            setattr(module, attr, n_q * head_dim)
+    return True

@@ -158,8 +158,9 @@ def _assemble(state, members, consumed, group_of, producer_roots) -> Analysis:
         group = Group(name, "head" if any(r in heads for r in free) else "channel", roots, producers[g],
                       [m for m in members if m.role == "consumer" and np.isin(m.ids, free).any()], blocked)
         if len(free) < 2:
-            reasons = sorted({why for r in roots for why in blocked.get(r, [])})
-            why = reasons[0] if reasons else "a single unit cannot be sparsified by a normalised gate"
+            reasons = list(dict.fromkeys(why for r in roots for why in blocked.get(r, [])))
+            reasons = [w for w in reasons if w != "not produced by a prunable weight"] or reasons
+            why = "; ".join(reasons[:3]) if reasons else "a single unit cannot be sparsified by a normalised gate"
             unprunable.append((name, why))
         groups.append(group)
     return Analysis(groups, members, unprunable, list(dict.fromkeys(state.unknown)), state.capture.kind)

@@ -1,0 +1,118 @@
+"""Replay a compaction Record on a model: check that it fits, then slice tensors and fix attributes.
+
+``compact`` uses :func:`replay` to apply what it decided; ``load`` uses it to rebuild the compacted
+architecture on a freshly built base model. Checking is separate from mutating (:func:`check`
+is pure), so a plan that does not fit is reported before the model is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from autosparse.errors import PlanMismatchError
+from autosparse.surgery import fix_attention, fix_attributes, slice_tensor
+
+Shapes = dict[str, tuple[int, ...]]
+
+
+def architecture(model: nn.Module) -> Shapes:
+    """The model's tensors as ``state_dict`` names them, with their shapes (what ``load`` fits)."""
+    return {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
+
+
+def architecture_hash(shapes: Mapping[str, tuple[int, ...] | list[int]]) -> str:
+    """A stable sha256 of tensor names and shapes, independent of dict order."""
+    canonical = json.dumps(sorted((name, list(shape)) for name, shape in shapes.items()))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def shapes_after(base: Shapes, kept: Mapping[str, Mapping[str, list[int]]]) -> Shapes:
+    """The shapes ``base`` tensors have once ``kept`` positions are sliced out of them."""
+    out = dict(base)
+    for name, dims in kept.items():
+        if name in out:
+            shape = list(out[name])
+            for dim, positions in dims.items():
+                shape[int(dim)] = len(positions)
+            out[name] = tuple(shape)
+    return out
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor | None:
+    owner_name, _, attr = name.rpartition(".")
+    try:
+        owner = model.get_submodule(owner_name)
+    except AttributeError:
+        return None
+    value = getattr(owner, attr, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def check(model: nn.Module, kept: Mapping[str, Mapping[str, list[int]]]) -> None:
+    """Raise :class:`PlanMismatchError` naming the first tensor ``kept`` does not fit; mutates nothing.
+
+    Every tensor must exist in ``model``, every dim be in range, and every position list be
+    strictly increasing, within the dim's size and non-empty.
+    """
+    for name, dims in kept.items():
+        tensor = _tensor(model, name)
+        if tensor is None:
+            raise PlanMismatchError(
+                f"the plan slices tensor '{name}', which {type(model).__name__} does not have; "
+                "the base model is not the architecture the plan was saved from"
+            )
+        for dim_text, positions in dims.items():
+            dim = int(dim_text)
+            if not 0 <= dim < tensor.ndim:
+                raise PlanMismatchError(
+                    f"the plan slices dim {dim} of tensor '{name}', which has shape {tuple(tensor.shape)}"
+                )
+            size = tensor.shape[dim]
+            ordered = all(a < b for a, b in zip(positions, positions[1:]))
+            if not positions or not ordered or positions[0] < 0 or positions[-1] >= size:
+                raise PlanMismatchError(
+                    f"the plan keeps positions {_brief(positions)} of dim {dim} of tensor '{name}', "
+                    f"which has size {size}: they must be increasing, non-empty and below {size}"
+                )
+
+
+def _brief(positions: list[int]) -> str:
+    return str(positions) if len(positions) <= 8 else f"[{positions[0]}, ..., {positions[-1]}] ({len(positions)})"
+
+
+def replay(model: nn.Module, kept: Mapping[str, Mapping[str, list[int]]]) -> Shapes:
+    """Slice every tensor of ``kept`` to its kept positions, then fix each owner's attributes.
+
+    Args:
+        model: the model to mutate in place (a base model, or the folded copy inside ``compact``).
+        kept: ``Record.kept``: tensor name -> {dim (as a string): kept positions}.
+
+    Returns:
+        The model's :func:`architecture` before slicing (``save`` stores its hash).
+
+    Raises:
+        PlanMismatchError: ``kept`` does not fit ``model``; raised before anything is changed.
+
+    Example:
+        >>> base_shapes = replay(model, small._autosparse_record.kept)
+    """
+    check(model, kept)
+    base = architecture(model)
+    old_shapes: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
+    for name, dims in kept.items():
+        owner, _, attr = name.rpartition(".")
+        old_shapes[owner].setdefault(attr, tuple(_tensor(model, name).shape))
+        for dim, positions in dims.items():
+            slice_tensor(model, name, int(dim), torch.as_tensor(positions, dtype=torch.long))
+    for owner, shapes in old_shapes.items():
+        fix_attributes(model.get_submodule(owner), shapes)
+    # Head counts live on the module that holds the projections, one level above the sliced weights.
+    for parent in dict.fromkeys(owner.rpartition(".")[0] for owner in old_shapes):
+        fix_attention(model.get_submodule(parent))
+    return base

@@ -1,0 +1,306 @@
+"""Training with gates: the lambda schedule, cost weights, the budget controller, freezing, and hooks.
+
+Three ways to apply the penalty, all computing the same gradients:
+
+* by hand: ``loss = criterion(net(x), y) + autosparse.penalty(net)``;
+* without touching the loop: ``autosparse.training.attach(net)`` adds the penalty's gradient to the
+  gate parameters during every backward pass, so a Hugging Face ``Trainer``, Lightning or any loop
+  works unchanged;
+* per group: each rule's ``penalty_weight`` (or ``gate.penalty_weight``) scales its groups' terms.
+
+Schedules advance once per optimizer step. :func:`attach` does it for you (an optimizer step
+post-hook); a hand-written loop without :func:`attach` calls :func:`step` after ``optimizer.step()``.
+
+Example:
+    >>> net = autosparse.sparsify(model, policy, example_inputs=(x,))
+    >>> handle = autosparse.training.attach(net)   # penalty gradient + schedule, no loop changes
+    >>> trainer.train()                            # any loop
+    >>> handle.remove(); small = autosparse.compact(net)
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from autosparse.budget import Controller, CostModel, build_cost_model, check_reachable, enforce, ramp_end
+from autosparse.errors import warn
+from autosparse.policy import Schedule
+from autosparse.state import SparsityState, get_state
+
+_ATTR = "training"  # attribute of SparsityState holding the TrainingState
+
+
+@dataclass
+class TrainingState:
+    """What training adds to a sparsified model's state: cost models, controller, freeze snapshot."""
+
+    costs: dict[str, CostModel] = field(default_factory=dict)  # by metric
+    controller: Controller | None = None
+    weights: list[float] = field(default_factory=list)  # cost weight per gate (1.0 without weighting)
+    frozen: bool = False
+    snapshot: list[torch.Tensor] = field(default_factory=list)
+    hooked: bool = False  # penalty gradient added by hooks
+    warned_twice: bool = False
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def warmup_factor(schedule: Schedule, step: int) -> float:
+    """The lambda multiplier of the warm-up: ``min(1, step / warmup_steps)``, 1 without warm-up.
+
+    Example:
+        >>> warmup_factor(Schedule(warmup_steps=100), 25)
+        0.25
+    """
+    if schedule.warmup_steps <= 0:
+        return 1.0
+    return min(1.0, max(0, step) / schedule.warmup_steps)
+
+
+def training_state(model: nn.Module) -> TrainingState:
+    """The model's :class:`TrainingState`, built on first use (one counted forward pass).
+
+    Raises:
+        PolicyError: the policy's budget target is below what its rules' ``min_keep`` allow.
+    """
+    state = get_state(model)
+    existing = getattr(state, _ATTR, None)
+    if existing is not None:
+        return existing
+    policy, tr = state.policy, TrainingState()
+    target, weighting = policy.target, policy.penalty.cost_weighting
+    metrics = {m for m in (target.metric, None if weighting == "none" else weighting) if m}
+    for metric in sorted(metrics):
+        tr.costs[metric] = build_cost_model(model, state, metric)
+    if target.metric is not None:
+        budget = getattr(target, target.metric)
+        check_reachable(tr.costs[target.metric], state, f"target.{target.metric}", budget, target.tolerance)
+        sched = policy.schedule
+        tr.controller = Controller(budget, sched.warmup_steps, ramp_end(sched.warmup_steps, sched.freeze_step))
+    tr.weights = _cost_weights(state, tr)
+    setattr(state, _ATTR, tr)
+    return tr
+
+
+def _cost_weights(state: SparsityState, tr: TrainingState) -> list[float]:
+    """Per gate: the mean cost of its units relative to the mean cost of all units (1 on average)."""
+    weighting = state.policy.penalty.cost_weighting
+    if weighting == "none":
+        return [1.0] * len(state.gate_list())
+    cost = tr.costs[weighting]
+    per_unit = cost.unit_costs(cost.kept_now(state))
+    mean = float(per_unit.mean()) or 1.0
+    offsets = cost.offsets
+    return [float(per_unit[offsets[i] : offsets[i + 1]].mean()) / mean for i in range(len(offsets) - 1)]
+
+
+def current_lambda(model: nn.Module) -> float:
+    """The lambda in force now: the policy's, times the warm-up factor and the controller's scale.
+
+    Zero once the gates are frozen.
+    """
+    state = get_state(model)
+    tr = training_state(model)
+    if tr.frozen:
+        return 0.0
+    scale = tr.controller.scale if tr.controller is not None else 1.0
+    return state.policy.penalty.lam * warmup_factor(state.policy.schedule, state.step) * scale
+
+
+def penalty_terms(model: nn.Module) -> list[torch.Tensor]:
+    """Per gate, its term of the penalty: ``lambda_now * cost_weight * penalty_weight * ||shares||_p``."""
+    state = get_state(model)
+    tr = training_state(model)
+    lam, p = current_lambda(model), state.policy.penalty.p
+    return [lam * w * gate.penalty(p) for gate, w in zip(state.gate_list(), tr.weights)]
+
+
+def penalty_value(model: nn.Module) -> torch.Tensor:
+    """The body of :func:`autosparse.penalty`: the sum of :func:`penalty_terms` (0 when frozen)."""
+    tr = training_state(model)
+    gates = get_state(model).gate_list()
+    if tr.hooked and not tr.warned_twice:
+        tr.warned_twice = True
+        warn("autosparse.penalty() called while autosparse.training.attach() already adds the penalty's "
+             "gradient: it now counts twice; drop one of them")
+    if tr.frozen:
+        return gates[0].gamma.new_zeros(())
+    return torch.stack(penalty_terms(model)).sum()
+
+
+def cost_fraction(model: nn.Module, metric: str = "flops") -> float:
+    """The predicted cost of ``compact(model)`` now, as a fraction of the dense model.
+
+    Args:
+        metric: ``"flops"`` or ``"params"``.
+    """
+    state = get_state(model)
+    tr = training_state(model)
+    if metric not in tr.costs:
+        tr.costs[metric] = build_cost_model(model, state, metric)
+    cost = tr.costs[metric]
+    return cost.fraction(cost.kept_now(state))
+
+
+def step(model: nn.Module) -> None:
+    """Advance the schedule by one optimizer step: warm-up, budget controller, cost weights, freeze.
+
+    Call it after ``optimizer.step()`` in a hand-written loop, unless :func:`attach` is active.
+    """
+    state = get_state(model)
+    tr = training_state(model)
+    state.step += 1
+    if tr.frozen:
+        _restore(state, tr)
+        return
+    record: dict[str, float] = {"step": float(state.step)}
+    if tr.controller is not None:
+        metric = state.policy.target.metric
+        frac = tr.costs[metric].fraction(tr.costs[metric].kept_now(state))
+        tr.controller.update(state.step, frac)
+        record.update({metric: frac, "reference": tr.controller.reference(state.step)})
+    if state.policy.penalty.cost_weighting != "none":
+        tr.weights = _cost_weights(state, tr)
+    record["lambda"] = current_lambda(model)
+    tr.history.append(record)
+    freeze_at = state.policy.schedule.freeze_step
+    if freeze_at is not None and state.step >= freeze_at:
+        freeze(model)
+
+
+def freeze(model: nn.Module) -> None:
+    """Fix the structure: enforce the budget (if any), then stop every gate from changing.
+
+    Over budget, the open units that cost most per unit of gate value are closed until the predicted
+    cost is at most the target. The gate parameters stop requiring gradients, their gradients are
+    dropped, and :func:`step` restores them after every optimizer step, so neither momentum nor
+    weight decay can move them.
+    """
+    state = get_state(model)
+    tr = training_state(model)
+    if tr.frozen:
+        return
+    target = state.policy.target
+    if target.metric is not None:
+        cost = tr.costs[target.metric]
+        enforce(state, cost, getattr(target, target.metric))
+        frac = cost.fraction(cost.kept_now(state))
+        if frac < getattr(target, target.metric) - target.tolerance:
+            warn(f"gates froze at {frac:.3f} of the dense {target.metric}, below target.{target.metric} "
+                 f"({getattr(target, target.metric):g}) minus its tolerance; train longer before freeze_step")
+    for gate in state.gate_list():
+        gate.gamma.requires_grad_(False)
+        gate.gamma.grad = None
+    tr.snapshot = [gate.gamma.detach().clone() for gate in state.gate_list()]
+    tr.frozen = True
+
+
+def _restore(state: SparsityState, tr: TrainingState) -> None:
+    with torch.no_grad():
+        for gate, saved in zip(state.gate_list(), tr.snapshot):
+            gate.gamma.copy_(saved)
+
+
+def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The gate parameters (``gamma`` of each gate), e.g. for their own optimizer group.
+
+    Example:
+        >>> gates = autosparse.training.gate_parameters(net)
+        >>> rest = [p for p in net.parameters() if all(p is not g for g in gates)]
+        >>> opt = torch.optim.AdamW([{"params": rest}, {"params": gates, "weight_decay": 0.0}])
+    """
+    return [gate.gamma for gate in get_state(model).gate_list()]
+
+
+class Attachment:
+    """What :func:`attach` registered; :meth:`remove` (or leaving a ``with`` block) undoes it."""
+
+    def __init__(self, model: nn.Module, handles: list[Any]) -> None:
+        self._model, self._handles = weakref.ref(model), handles
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        model = self._model()
+        if model is not None:
+            training_state(model).hooked = False
+
+    def __enter__(self) -> Attachment:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+
+def attach(
+    model: nn.Module, *, optimizer: torch.optim.Optimizer | None = None, add_penalty_gradient: bool = True
+) -> Attachment:
+    """Train with gates in any loop: schedule stepping and (optionally) the penalty, through hooks.
+
+    Args:
+        model: A sparsified model.
+        optimizer: The optimizer whose steps advance the schedule. ``None``: any optimizer that
+            holds the gate parameters (a global step hook, so optimizers created later by a
+            ``Trainer`` count too).
+        add_penalty_gradient: Add ``d penalty / d gamma`` to each gate's gradient after every
+            backward pass, so the loss need not include :func:`autosparse.penalty`. False: the loop
+            adds the penalty itself and only the schedule is hooked.
+
+    Returns:
+        An :class:`Attachment`; call ``.remove()`` to undo.
+
+    Raises:
+        PolicyError: the budget target cannot be reached under the rules' ``min_keep``.
+
+    Example:
+        >>> with autosparse.training.attach(net):
+        ...     trainer.train()
+    """
+    tr = training_state(model)
+    state = get_state(model)
+    handles: list[Any] = []
+    if add_penalty_gradient:
+        for i, gate in enumerate(state.gate_list()):
+            handles.append(gate.gamma.register_post_accumulate_grad_hook(_penalty_hook(model, i)))
+        tr.hooked = True
+    owns = weakref.WeakKeyDictionary()
+    gammas = {id(gate.gamma) for gate in state.gate_list()}
+    ref = weakref.ref(model)
+
+    def after_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if opt not in owns:
+            owns[opt] = any(id(p) in gammas for group in opt.param_groups for p in group["params"])
+        target = ref()
+        if owns[opt] and target is not None:
+            step(target)
+
+    if optimizer is not None:
+        handles.append(optimizer.register_step_post_hook(after_step))
+    else:
+        handles.append(torch.optim.optimizer.register_optimizer_step_post_hook(after_step))
+    return Attachment(model, handles)
+
+
+def _penalty_hook(model: nn.Module, index: int):
+    ref = weakref.ref(model)
+
+    def hook(gamma: torch.Tensor) -> None:
+        target = ref()
+        if target is None or gamma.grad is None:
+            return
+        tr = training_state(target)
+        if tr.frozen:
+            return
+        state = get_state(target)
+        gate = state.gate_list()[index]
+        with torch.enable_grad():
+            term = current_lambda(target) * tr.weights[index] * gate.penalty(state.policy.penalty.p)
+            (grad,) = torch.autograd.grad(term, gamma)
+        gamma.grad.add_(grad.to(gamma.grad.dtype))
+
+    return hook
