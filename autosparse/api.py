@@ -11,6 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from autosparse.analysis import analyze
+from autosparse.analysis.branches import find_branches
 from autosparse.analysis.registry import Handler, RuleKey
 from autosparse.capture import capture
 from autosparse.compaction import compact_model
@@ -57,7 +58,9 @@ def sparsify(
             f"{type(model).__name__} is already sparsified; compact it or start from the original model"
         )
     captured = capture(model, example_inputs)
-    plan = make_plan(policy, analyze(captured, op_rules), model)
+    wants_layers = any(str(r.granularity) == "layer" for r in policy.rules)
+    branches = find_branches(captured, model) if wants_layers else []
+    plan = make_plan(policy, analyze(captured, op_rules), model, branches)
     target = model if inplace else copy.deepcopy(model)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs = {"use_cache": False} if "use_cache" in _forward_params(model) else {}

@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 
 from autosparse.errors import CompactionError, EquivalenceError
 from autosparse.gates import GateSite
+from autosparse.layers import remove_branches
 from autosparse.replay import replay
 from autosparse.state import SparsityState, get_state
 
@@ -22,27 +23,43 @@ class Record:
 
     kept: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # tensor -> {dim: positions}
     groups: dict[str, dict[str, int]] = field(default_factory=dict)  # group -> {before, after}
+    replaced: list[str] = field(default_factory=list)  # residual branches replaced by ZeroBranch
+    dropped_layers: list[str] = field(default_factory=list)  # ModuleList entries removed whole
+
+
+def _kept_indices(gg, gate) -> set[int]:
+    """Units kept: non-zero gates, topped up to the rule's min_keep and round_to with zero-gated ones."""
+    with torch.no_grad():
+        values = gate.values().detach().cpu()
+    n = len(gg.units)
+    keep = {i for i in range(n) if values[i] != 0}
+    keep_n = gg.rule.round_keep(max(len(keep), gg.rule.resolve_min_keep(n)), n)
+    for i in torch.argsort(gate.gamma.detach().float().cpu(), descending=True).tolist():
+        if len(keep) >= keep_n:
+            break
+        keep.add(i)  # a zero-gated unit contributes nothing, so keeping it is still exact
+    return keep
 
 
 def removed_units(state: SparsityState) -> tuple[set[int], dict[str, dict[str, int]]]:
     """Class roots to remove: units whose gate is zero, within each rule's min_keep and round_to."""
     removed, summary = set(), {}
     for gg, gate in zip(state.plan.gated, state.gate_list()):
-        with torch.no_grad():
-            values = gate.values().detach().cpu()
-        n = len(gg.units)
-        order = torch.argsort(values * 0 + gate.gamma.detach().float().cpu(), descending=True)
-        alive = [i for i in range(n) if values[i] != 0]
-        keep_n = max(len(alive), gg.rule.resolve_min_keep(n))
-        keep_n = gg.rule.round_keep(keep_n, n)
-        keep = set(alive)
-        for i in order.tolist():  # extra units (zero gate: they contribute nothing) to honour limits
-            if len(keep) >= keep_n:
-                break
-            keep.add(i)
-        removed.update(gg.units[i] for i in range(n) if i not in keep)
-        summary[gg.name] = {"before": n, "after": len(keep)}
+        keep = _kept_indices(gg, gate)
+        if not gg.branches:
+            removed.update(gg.units[i] for i in range(len(gg.units)) if i not in keep)
+        summary[gg.name] = {"before": len(gg.units), "after": len(keep)}
     return removed, summary
+
+
+def removed_branches(state: SparsityState) -> list:
+    """Residual branches (layer granularity) whose gate is zero."""
+    out = []
+    for gg, gate in zip(state.plan.gated, state.gate_list()):
+        if gg.branches:
+            keep = _kept_indices(gg, gate)
+            out.extend(b for i, b in enumerate(gg.branches) if i not in keep)
+    return out
 
 
 def compact_model(model: nn.Module, inplace: bool, verify: bool, rtol: float) -> nn.Module:
@@ -52,6 +69,7 @@ def compact_model(model: nn.Module, inplace: bool, verify: bool, rtol: float) ->
     target = model if inplace else copy.deepcopy(model)
     try:
         record = _apply(target, state, removed)
+        record.replaced, record.dropped_layers = remove_branches(model, target, state, removed_branches(state))
     except Exception as exc:
         raise CompactionError(f"compaction failed: {type(exc).__name__}: {exc}") from exc
     record.groups = summary

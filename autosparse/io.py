@@ -128,6 +128,7 @@ def _atomic_dir(directory: str | os.PathLike[str], overwrite: bool) -> Iterator[
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
+        _publish_modes(tmp)
         old = None
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
@@ -138,6 +139,15 @@ def _atomic_dir(directory: str | os.PathLike[str], overwrite: bool) -> Iterator[
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _publish_modes(tmp: Path) -> None:
+    """mkdtemp and some writers create private files; a save gets the umask's usual modes."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)
+    for path in tmp.iterdir():
+        os.chmod(path, 0o666 & ~mask)
 
 
 def _write_tensors(state: Mapping[str, torch.Tensor], path: Path) -> dict[str, Any]:

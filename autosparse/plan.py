@@ -8,6 +8,7 @@ import numpy as np
 from torch import nn
 
 from autosparse.analysis import Analysis, Group
+from autosparse.analysis.branches import Branch
 from autosparse.errors import NoGatesError, warn
 from autosparse.policy import Policy, Rule
 
@@ -19,7 +20,8 @@ class GatedGroup:
     key: str  # state_dict-safe name
     group: Group
     rule: Rule
-    units: list[int]  # class roots gated, in gate order
+    units: list[int]  # class roots gated, in gate order (branch indices for layer groups)
+    branches: list[Branch] = field(default_factory=list)  # layer granularity only
 
     @property
     def name(self) -> str:
@@ -41,6 +43,11 @@ class Plan:
             for j, root in enumerate(gg.units):
                 order[root] = (i, j)
         sites: dict[tuple[str, int], tuple[list[int], np.ndarray]] = {}
+        for i, gg in enumerate(self.gated):
+            for j, branch in enumerate(gg.branches):  # layer gates scale the branch's output weight
+                sites[(branch.weight, branch.out_dim)] = ([i], np.full(branch.size, j, dtype=np.int64))
+                if branch.bias:
+                    sites[(branch.bias, 0)] = ([i], np.full(branch.size, j, dtype=np.int64))
         for member in self.analysis.members if self.analysis else []:
             if member.role != "consumer" or (member.name, member.dim) in sites:
                 continue
@@ -66,7 +73,8 @@ def _key(name: str, taken: set[str]) -> str:
     return key
 
 
-def make_plan(policy: Policy, analysis: Analysis, model: nn.Module) -> Plan:
+def make_plan(policy: Policy, analysis: Analysis, model: nn.Module,
+              branches: list[Branch] | None = None) -> Plan:
     """Match every prunable group against the policy's rules (first match wins).
 
     Raises:
@@ -76,6 +84,8 @@ def make_plan(policy: Policy, analysis: Analysis, model: nn.Module) -> Plan:
     gated, skipped, taken = [], [], set()
     used_rules: set[int] = set()
     for group in analysis.groups:
+        if not any(str(r.granularity) == group.granularity for r in policy.rules):
+            continue
         free = [r for r in group.units if r not in group.blocked]
         if len(free) < 2:
             continue
@@ -85,12 +95,35 @@ def make_plan(policy: Policy, analysis: Analysis, model: nn.Module) -> Plan:
             continue
         used_rules.add(id(rule))
         gated.append(GatedGroup(_key(group.name, taken), group, rule, free))
+    for gg in _layer_groups(policy, branches or [], modules, taken):
+        used_rules.add(id(gg.rule))
+        gated.append(gg)
     for rule in policy.rules:
         if id(rule) not in used_rules:
             warn(f"policy rule '{rule.name}' ({rule.granularity}) matched no prunable group")
     if not gated:
         raise NoGatesError(_nothing_message(policy, analysis, skipped))
     return Plan(gated, skipped, analysis)
+
+
+def _layer_groups(policy: Policy, branches: list[Branch], modules: dict[str, nn.Module],
+                  taken: set[str]) -> list[GatedGroup]:
+    """Branches of one kind (e.g. every attention sub-block) compete inside one layer gate."""
+    by_kind: dict[tuple[str, int], list[Branch]] = {}
+    for branch in branches:
+        rule = next((r for r in policy.rules if str(r.granularity) == "layer"
+                     and r.matches(branch.module, modules.get(branch.module))), None)
+        if rule is not None:
+            by_kind.setdefault((branch.kind, id(rule)), []).append(branch)
+    out = []
+    for (kind, _), members in by_kind.items():
+        if len(members) < 2:  # a normalised share over one unit can never reach zero
+            continue
+        rule = next(r for r in policy.rules if str(r.granularity) == "layer"
+                    and r.matches(members[0].module, modules.get(members[0].module)))
+        group = Group(f"{kind} branches", "layer", list(range(len(members))), [b.module for b in members])
+        out.append(GatedGroup(_key(f"layers_{kind}", taken), group, rule, list(range(len(members))), members))
+    return out
 
 
 def _first_rule(policy: Policy, group: Group, modules: dict[str, nn.Module]) -> Rule | None:

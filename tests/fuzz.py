@@ -23,8 +23,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from torch import fx, nn
 
 B = 2  # batch size of every generated input
 CDIM = {"img": 1, "sig": 1, "seq": 2, "flat": 1}  # where each kind of value keeps its channels
@@ -39,12 +37,6 @@ def opaque(x: torch.Tensor) -> torch.Tensor:
 @opaque.register_fake
 def _(x: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(x)
-
-
-@fx.wrap
-def wrapped_mix(x: torch.Tensor) -> torch.Tensor:
-    """A plain Python function fx keeps as one opaque call (``fx.wrap``): no rule, channels mixed."""
-    return x.flip(1) * 0.5 + x
 
 
 @dataclass(frozen=True)
@@ -242,7 +234,7 @@ def _p_attn(rng, s, k):
     kv = rng.choice([g for g in _divisors(heads, 1)]) if rng.random() < 0.3 else heads
     view = rng.choice(["neg1", "neg1", "fixed", "size"])
     core = rng.choice(["sdpa", "manual"]) if kv == heads else "sdpa"
-    packed = kv == heads and rng.random() < 0.3
+    packed = rng.choice(["chunk", "split"]) if kv == heads and rng.random() < 0.3 else ""
     return k, s, (heads, hd, kv, view, core, packed)
 
 
@@ -351,15 +343,16 @@ BINARY = ("add", "mul", "sub", "cat")
 # test_fuzz.py. The CI fuzz run leaves them out so that it stays green; delete an entry once its
 # regression test passes. Features: "bcast_channel" (a binary op broadcasting a 1-channel operand),
 # "tuple_slice" (torch.cat of a sliced split result), "hardcoded_unsplit_view" (attention heads of
-# size 1 viewed with a literal head count).
+# size 1 viewed with a literal head count), "hardcoded_split" (a packed qkv split with a literal size).
 KNOWN_BUGS: frozenset[str] = frozenset({
-    "lenet_view", "cpad", "unbatched_pool", "bcast_channel", "tuple_slice", "hardcoded_unsplit_view",
+    "lenet_view", "cpad", "unbatched_pool", "bcast_channel", "tuple_slice", "hardcoded_unsplit_view", "hardcoded_split",
 })
 
 
 def _trips_known_bug(name: str, arg: tuple, exclude: frozenset[str]) -> bool:
     if name == "attn":
-        return "hardcoded_unsplit_view" in exclude and arg[3] == "fixed" and arg[1] == 1
+        return ("hardcoded_unsplit_view" in exclude and arg[3] == "fixed" and arg[1] == 1) or (
+            "hardcoded_split" in exclude and arg[5] == "split")
     if name == "revcat":
         return "tuple_slice" in exclude and arg[1] == "slice"
     return False
@@ -406,6 +399,11 @@ class _Gen:
         self.add(Node(name, (v,), out_kind, out_shape, arg))
         return True
 
+    def weighted(self, v: int) -> None:
+        name = "conv" if self.kinds[v] in ("img", "sig") else "linear"
+        out_kind, out_shape, arg = OPS[name].propose(self.rng, self.shapes[v], self.kinds[v])
+        self.add(Node(name, (v,), out_kind, out_shape, arg))
+
     def binary(self) -> bool:
         a = self.pick()
         kind, sa = self.kinds[a], self.shapes[a]
@@ -447,6 +445,8 @@ def generate(seed: int, *, exclude: frozenset[str] = KNOWN_BUGS, unknown_rate: f
              "seq": (B, rng.choice([3, 4, 5]), rng.choice([4, 6, 8, 12])),
              "flat": (B, rng.choice([3, 4, 8]))}[kind]
     gen = _Gen(rng, exclude, [kind], [shape], [], [0])
+    if rng.random() < 0.8:
+        gen.weighted(0)  # a stem: most real models start with a weight
     target = rng.randint(3, max_nodes)
     tries = 0
     while len(gen.nodes) < target and tries < 200:
@@ -455,6 +455,8 @@ def generate(seed: int, *, exclude: frozenset[str] = KNOWN_BUGS, unknown_rate: f
             gen.binary()
         else:
             gen.unary(unknown_rate)
+    if rng.random() < 0.8:
+        gen.weighted(gen.pool[-1])  # a head, so that the last hidden channels have a consumer
     outputs = [gen.pool[-1]]
     extra = [v for v in gen.pool[1:-1] if rng.random() < 0.1]
     return Spec(seed, kind, shape, tuple(gen.nodes), tuple(outputs + extra[:1]))

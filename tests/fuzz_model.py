@@ -14,7 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from tests.fuzz import B, CDIM, OPS, Node, Spec, opaque, wrapped_mix
+from tests.fuzz import B, CDIM, OPS, Node, Spec, opaque
+
+
+@fx.wrap  # must be called in the module whose code calls the function
+def wrapped_mix(x: torch.Tensor) -> torch.Tensor:
+    """A plain Python function fx keeps as one opaque call: no rule, and it mixes channels."""
+    return x.flip(1) * 0.5 + x
 
 _ACT_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
                 "leaky": nn.LeakyReLU, "hardswish": nn.Hardswish, "relu6": nn.ReLU6}
@@ -44,7 +50,7 @@ class Index(nn.Module):
 class Attn(nn.Module):
     """Multi-head (or grouped-query) self-attention over (B, T, D) with a few ways to write it."""
 
-    def __init__(self, d: int, t: int, heads: int, hd: int, kv: int, view: str, core: str, packed: bool):
+    def __init__(self, d: int, t: int, heads: int, hd: int, kv: int, view: str, core: str, packed: str):
         super().__init__()
         self.t, self.heads, self.hd, self.kv, self.view_mode, self.core = t, heads, hd, kv, view, core
         self.packed = packed
@@ -62,7 +68,8 @@ class Attn(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t = (x.size(0), x.size(1)) if self.view_mode == "size" else (B, self.t)
         if self.packed:
-            q, k, v = self.qkv(x).split(self.heads * self.hd, dim=-1)
+            qkv = self.qkv(x)
+            q, k, v = qkv.chunk(3, dim=-1) if self.packed == "chunk" else qkv.split(self.heads * self.hd, dim=-1)
         else:
             q, k, v = self.q(x), self.k(x), self.v(x)
         q, k, v = (self._split_heads(y, n, b, t) for y, n in ((q, self.heads), (k, self.kv), (v, self.kv)))

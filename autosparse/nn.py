@@ -1,0 +1,30 @@
+"""The one module autosparse may leave in a compacted model: a removed residual branch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class ZeroBranch(nn.Module):
+    """Stands in for a residual branch whose layer gate reached zero: computes nothing.
+
+    It returns zeros shaped like its first tensor input, in the output structure the branch had
+    (a tensor, or a tuple whose other entries were None), so ``x + branch(x)`` stays ``x``.
+    """
+
+    def __init__(self, tuple_len: int = 0, name: str = "") -> None:
+        super().__init__()
+        self.tuple_len, self.replaced = tuple_len, name
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        first = next(v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor))
+        zeros = torch.zeros_like(first)
+        if self.tuple_len:
+            return (zeros,) + (None,) * (self.tuple_len - 1)
+        return zeros
+
+    def extra_repr(self) -> str:
+        return f"replaces={self.replaced!r}"
