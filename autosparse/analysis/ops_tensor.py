@@ -185,6 +185,10 @@ def getitem(ctx: OpContext) -> None:
     label = ctx.label(source)
     if label is None or ctx.shape() is None:
         return ctx.output(None)
+    items = index if isinstance(index, tuple) else (index,)
+    if any(isinstance(i, (fx.Node, list)) for i in items):  # advanced indexing moves dims around
+        ctx.block(label, "advanced (tensor) indexing")
+        return ctx.output(None)
     out_dim = _index_dim(index if isinstance(index, tuple) else (index,), label.dim, ctx.ndim(source))
     if out_dim is None:
         ctx.block(label, "indexing into the channel dim")
@@ -267,6 +271,9 @@ def size(ctx: OpContext) -> None:
     """Reading a channel count is safe only where it feeds shapes (views), not arithmetic on values."""
     x = ctx.arg(0)
     label = ctx.label(x)
+    dim = ctx.arg(1, "dim") if ctx.node.target != getattr else None
+    if isinstance(dim, int) and label is not None and dim % ctx.ndim(x) != label.dim:
+        return ctx.output(None)  # the size of another dim does not change
     if label is not None and not _feeds_only_shapes(ctx.node):
         ctx.block(label, "its size is used in a computation")
     ctx.output(None)
@@ -290,6 +297,16 @@ def _feeds_only_shapes(node: fx.Node, depth: int = 0) -> bool:
 
 def no_op(ctx: OpContext) -> None:
     """Runtime metadata checks of an exported graph: they compute nothing."""
+    ctx.output(None)
+
+
+def getattr_rule(ctx: OpContext) -> None:
+    """``x.shape`` in a traced forward behaves like ``x.size()``; other attributes are unknown."""
+    if ctx.arg(1) in ("shape",):
+        return size(ctx)
+    if ctx.arg(1) in ("dtype", "device", "ndim", "is_cuda", "requires_grad"):
+        return ctx.output(None)
+    ctx.block_inputs(f"attribute '{ctx.arg(1)}' read in the forward")
     ctx.output(None)
 
 
@@ -356,5 +373,6 @@ def register(rules: Registry) -> None:
                     F.log_softmax, torch.cumsum, aten._softmax, aten.softmax, aten._log_softmax,
                     aten.log_softmax, aten.cumsum], along_dim)
     rules.register(["size", aten.sym_size], size)
+    rules.register(getattr, getattr_rule)
     rules.register([aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size],
                    no_op)

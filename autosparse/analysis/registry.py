@@ -86,7 +86,9 @@ class Registry:
         if op == "call_module" and module is not None:
             for cls in type(module).__mro__:
                 if cls in self._rules:
-                    return self._rules[cls]
+                    # A subclass that overrides forward may compute anything: unknown, not guessed.
+                    same = getattr(type(module), "forward", None) is getattr(cls, "forward", None)
+                    return self._rules[cls] if same else self._rules.get(type(module))
             return None
         if op == "call_method":
             return self._rules.get(target)
