@@ -137,30 +137,37 @@ def _gfind(group_of: dict[int, int], x: int) -> int:
 def _assemble(state, members, consumed, group_of, producer_roots) -> Analysis:
     elements = state.elements
     heads = {elements.find(e) for e in state.head_elements}
-    units: dict[int, list[int]] = defaultdict(list)
+    units: dict[int, dict[int, None]] = defaultdict(dict)  # ordered sets
     producers: dict[int, list[str]] = defaultdict(list)
     for m, roots in producer_roots:
         g = _gfind(group_of, roots[0])
         owner = m.name.rsplit(".", 1)[0]
         if owner not in producers[g]:
             producers[g].append(owner)
-        for r in roots:
-            if r not in units[g]:
-                units[g].append(r)
+        units[g].update(dict.fromkeys(roots))
+    group_of_root = {r: g for g, roots in units.items() for r in roots}
+    sites_of: dict[int, list[Member]] = defaultdict(list)
+    for m in members:
+        if m.role == "consumer":
+            for g in {group_of_root.get(int(r)) for r in np.unique(m.ids)} - {None}:
+                sites_of[g].append(m)
     groups, unprunable = [], []
-    for g, roots in units.items():
-        blocked = {r: elements.blocked_reasons(r) for r in roots if elements.blocked_reasons(r) or r == FIXED}
+    for g, ordered in units.items():
+        roots = list(ordered)
+        blocked = {}
         for r in roots:
-            if r not in blocked and r not in consumed:
+            reasons = elements.blocked_reasons(r)
+            if reasons or r == FIXED:
+                blocked[r] = reasons
+            elif r not in consumed:
                 blocked[r] = ["no weight consumes these channels (nothing to gate)"]
         free = [r for r in roots if r not in blocked]
         name = producers[g][0] if producers[g] else f"group{g}"
-        group = Group(name, "head" if any(r in heads for r in free) else "channel", roots, producers[g],
-                      [m for m in members if m.role == "consumer" and np.isin(m.ids, free).any()], blocked)
+        granularity = "head" if any(r in heads for r in free) else "channel"
+        groups.append(Group(name, granularity, roots, producers[g], sites_of[g], blocked))
         if len(free) < 2:
             reasons = list(dict.fromkeys(why for r in roots for why in blocked.get(r, [])))
             reasons = [w for w in reasons if w != "not produced by a prunable weight"] or reasons
             why = "; ".join(reasons[:3]) if reasons else "a single unit cannot be sparsified by a normalised gate"
             unprunable.append((name, why))
-        groups.append(group)
     return Analysis(groups, members, unprunable, list(dict.fromkeys(state.unknown)), state.capture.kind)

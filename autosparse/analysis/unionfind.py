@@ -38,8 +38,10 @@ class Elements:
         return root
 
     def find_all(self, ids: np.ndarray) -> np.ndarray:
-        flat = [self.find(int(i)) for i in np.asarray(ids).reshape(-1)]
-        return np.asarray(flat, dtype=np.int64).reshape(np.shape(ids))
+        ids = np.asarray(ids)
+        unique, inverse = np.unique(ids, return_inverse=True)  # broadcast labels repeat ids a lot
+        roots = np.fromiter((self.find(i) for i in unique.tolist()), dtype=np.int64, count=len(unique))
+        return roots[inverse].reshape(ids.shape)
 
     def union(self, a: int, b: int) -> int:
         ra, rb = self.find(a), self.find(b)
@@ -50,7 +52,8 @@ class Elements:
         self._parent[rb] = ra
         reasons = self._blocked.pop(rb, None)
         if reasons:
-            self._blocked.setdefault(ra, []).extend(reasons)
+            kept = self._blocked.setdefault(ra, [])
+            kept.extend(r for r in reasons if r not in kept and len(kept) < 8)
         return ra
 
     def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
@@ -69,7 +72,7 @@ class Elements:
 
     def block(self, ids: np.ndarray, reason: str) -> None:
         """Mark the classes of ``ids`` as not prunable, remembering why (shown by ``explain``)."""
-        for root in set(self.find_all(ids).reshape(-1).tolist()):
+        for root in {self.find(i) for i in np.unique(np.asarray(ids)).tolist()}:
             reasons = self._blocked.setdefault(root, [])
             if reason not in reasons and len(reasons) < 8:
                 reasons.append(reason)
