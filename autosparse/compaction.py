@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 
 from autosparse.errors import CompactionError, EquivalenceError
 from autosparse.gates import GateSite
+from autosparse.hf import sync_config
 from autosparse.layers import remove_branches
 from autosparse.replay import replay
 from autosparse.state import SparsityState, get_state
@@ -25,6 +26,7 @@ class Record:
     groups: dict[str, dict[str, int]] = field(default_factory=dict)  # group -> {before, after}
     replaced: list[str] = field(default_factory=list)  # residual branches replaced by ZeroBranch
     dropped_layers: list[str] = field(default_factory=list)  # ModuleList entries removed whole
+    config_changes: dict[str, int] = field(default_factory=dict)  # Hugging Face config keys rewritten
 
 
 def _kept_indices(gg, gate) -> set[int]:
@@ -70,6 +72,7 @@ def compact_model(model: nn.Module, inplace: bool, verify: bool, rtol: float) ->
     try:
         record = _apply(target, state, removed)
         record.replaced, record.dropped_layers = remove_branches(model, target, state, removed_branches(state))
+        record.config_changes = sync_config(target)
     except Exception as exc:
         raise CompactionError(f"compaction failed: {type(exc).__name__}: {exc}") from exc
     record.groups = summary

@@ -112,3 +112,18 @@ def test_residual_hidden_size_is_reported_unprunable():
     report = autosparse.explain(model, example_inputs=inputs)
     assert any("embed_tokens" in where for where, _ in report.unprunable)
     assert any("normalis" in why or "reduction" in why for _, why in report.unprunable)
+
+
+def test_uniform_widths_update_the_config_and_reload_with_from_pretrained(tmp_path):
+    model, inputs = get_case("hf_llama").build()
+    net = autosparse.sparsify(model, {"rules": [{"granularity": "head"}, {"granularity": "channel"}]},
+                              example_inputs=inputs)
+    for gate in autosparse.gates(net).values():  # the same units in every layer: widths stay uniform
+        gate.zero_([0] if gate.granularity == "head" else list(range(0, gate.size, 2)))
+    small = autosparse.compact(net)
+    assert small.config.num_attention_heads == 2 and small.config.num_key_value_heads == 1
+    assert small.config.intermediate_size == 32
+    small.save_pretrained(tmp_path)
+    reloaded = type(small).from_pretrained(tmp_path)
+    with torch.no_grad():
+        assert _rel(small(*inputs), reloaded(*inputs)) <= 1e-6

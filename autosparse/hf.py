@@ -1,0 +1,61 @@
+"""Keep a Hugging Face config consistent with a compacted model where the config can say it.
+
+A config holds one number per kind of width (``num_attention_heads``, ``intermediate_size``).
+When every layer ended with the same width, the config is updated and ``save_pretrained`` /
+``from_pretrained`` round-trip as usual. When layers differ, the config cannot express the
+model: it is left as it was and the per-layer widths live in the compaction record, which
+``autosparse.load`` replays on a freshly built model.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from autosparse.surgery import _HEAD_DIM_NAMES, _K_NAMES, _Q_NAMES, _out_features
+
+_MLP_IN = ("gate_proj", "up_proj", "fc1", "c_fc", "wi", "w1")
+_CONFIG_HEADS = ("num_attention_heads", "n_head", "num_heads")
+_CONFIG_KV = ("num_key_value_heads",)
+_CONFIG_MLP = ("intermediate_size", "n_inner", "d_ff")
+
+
+def _attention_widths(model: nn.Module) -> tuple[set[int], set[int]]:
+    q_counts, kv_counts = set(), set()
+    for module in model.modules():
+        head_dim = next((getattr(module, n) for n in _HEAD_DIM_NAMES if isinstance(getattr(module, n, None), int)),
+                        None)
+        q = next((getattr(module, n) for n in _Q_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
+        if not head_dim or q is None or _out_features(q) is None:
+            continue
+        fused = 3 if type(q).__name__ == "Conv1D" else 1
+        q_counts.add(_out_features(q) // fused // head_dim)
+        k = next((getattr(module, n) for n in _K_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
+        if k is not None and _out_features(k):
+            kv_counts.add(_out_features(k) // head_dim)
+    return q_counts, kv_counts
+
+
+def _mlp_widths(model: nn.Module) -> set[int]:
+    widths = set()
+    for name, module in model.named_modules():
+        if name.rpartition(".")[2] in _MLP_IN and _out_features(module):
+            widths.add(_out_features(module))
+    return widths
+
+
+def sync_config(model: nn.Module) -> dict[str, int]:
+    """Write uniform widths back into ``model.config``; return what changed."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return {}
+    changed: dict[str, int] = {}
+    q_counts, kv_counts = _attention_widths(model)
+    for keys, values in ((_CONFIG_HEADS, q_counts), (_CONFIG_KV, kv_counts), (_CONFIG_MLP, _mlp_widths(model))):
+        if len(values) != 1:
+            continue
+        (value,) = values
+        for key in keys:
+            if isinstance(getattr(config, key, None), int) and getattr(config, key) != value:
+                setattr(config, key, value)
+                changed[key] = value
+    return changed
