@@ -11,36 +11,52 @@ from __future__ import annotations
 
 from autosparse.api import compact, gates, penalty, sparsify
 from autosparse.errors import (
+    AlreadySparsifiedError,
     AutosparseError,
     CaptureError,
     CompactionError,
     EquivalenceError,
     ExampleInputsError,
+    ExportError,
     NoGatesError,
     NotSparsifiedError,
+    PlanMismatchError,
     PolicyError,
 )
 from autosparse.explain import explain
+from autosparse.exporter import export
 from autosparse.gates import Gate
+from autosparse.io import load, load_gated_state, save
+from autosparse.logger import GateLogger
 from autosparse.policy import Policy, load_policy
+from autosparse.reporting import report
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlreadySparsifiedError",
     "AutosparseError",
     "CaptureError",
     "CompactionError",
     "EquivalenceError",
     "ExampleInputsError",
+    "ExportError",
     "Gate",
+    "GateLogger",
     "NoGatesError",
     "NotSparsifiedError",
+    "PlanMismatchError",
     "Policy",
     "PolicyError",
     "compact",
     "explain",
+    "export",
     "gates",
+    "load",
+    "load_gated_state",
     "load_policy",
     "penalty",
+    "report",
+    "save",
     "sparsify",
 ]

@@ -14,7 +14,7 @@ from autosparse.errors import CompactionError, EquivalenceError
 from autosparse.gates import GateSite
 from autosparse.hf import sync_config
 from autosparse.layers import remove_branches
-from autosparse.replay import replay
+from autosparse.replay import base_config, replay
 from autosparse.state import SparsityState, get_state
 
 
@@ -27,6 +27,8 @@ class Record:
     replaced: list[str] = field(default_factory=list)  # residual branches replaced by ZeroBranch
     dropped_layers: list[str] = field(default_factory=list)  # ModuleList entries removed whole
     config_changes: dict[str, int] = field(default_factory=dict)  # Hugging Face config keys rewritten
+    base_config: dict | None = None  # the Hugging Face config before compaction (to rebuild the base)
+    base_shapes: dict = field(default_factory=dict)  # tensor shapes of the base model (fit check)
 
 
 def _kept_indices(gg, gate) -> set[int]:
@@ -94,8 +96,9 @@ def _apply(model: nn.Module, state: SparsityState, removed: set[int]) -> Record:
         keep = np.flatnonzero(~np.isin(ids, removed_arr))
         if len(keep) < len(ids):
             record.kept.setdefault(name, {})[str(dim)] = keep.tolist()
-    # The shapes before slicing are only known here; save() stores their hash so that load()
-    # can tell whether a base model is the architecture this record was made on.
+    # The base model is only known here (later steps rewrite the config): save() stores its shapes'
+    # hash, so load() can tell whether a base model fits, and a Hugging Face config to rebuild it.
+    record.base_config = base_config(model)
     record.base_shapes = replay(model, record.kept)
     return record
 

@@ -50,6 +50,10 @@ def sync_config(model: nn.Module) -> dict[str, int]:
         return {}
     changed: dict[str, int] = {}
     q_counts, kv_counts = _attention_widths(model)
+    if not isinstance(getattr(config, "head_dim", None), int):
+        # BERT/GPT-2 style configs derive head_dim = hidden_size / heads: a new head count would
+        # change head_dim on reload, so only the record (autosparse.load) can express fewer heads.
+        q_counts, kv_counts = set(), set()
     for keys, values in ((_CONFIG_HEADS, q_counts), (_CONFIG_KV, kv_counts), (_CONFIG_MLP, _mlp_widths(model))):
         if len(values) != 1:
             continue

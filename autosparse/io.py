@@ -32,7 +32,16 @@ import torch
 from torch import nn
 
 from autosparse.errors import NotSparsifiedError, PlanMismatchError
-from autosparse.replay import architecture, architecture_hash, check, replay, shapes_after
+from autosparse.replay import (
+    architecture,
+    architecture_hash,
+    check,
+    check_layers,
+    moved,
+    replay,
+    replay_layers,
+    shapes_after,
+)
 from autosparse.state import get_state, is_sparsified
 
 SAVE_FORMAT, CHECKPOINT_FORMAT, FORMAT_VERSION = "autosparse-save", "autosparse-checkpoint", 1
@@ -73,18 +82,19 @@ def save(model: nn.Module, directory: str | os.PathLike[str], *, model_spec: str
                "training later" if is_sparsified(model) else "has no compaction record")
         )
     base_shapes = getattr(record, "base_shapes", None)
+    layers = _layer_record(model, record)
     plan: dict[str, Any] = {
         "format": SAVE_FORMAT, "format_version": FORMAT_VERSION, "versions": _versions(),
         "model_class": f"{type(model).__module__}.{type(model).__qualname__}", "model_spec": model_spec,
         "base": None if base_shapes is None else {
             "sha256": architecture_hash(base_shapes), "shapes": {k: list(v) for k, v in base_shapes.items()}},
-        "record": {"kept": record.kept, "groups": record.groups},
-        "attributes": _attributes(model, record.kept),
+        "record": {"kept": record.kept, "groups": record.groups, **layers},
+        "attributes": _attributes(model, record.kept, layers),
     }
     with _atomic_dir(directory, overwrite) as tmp:
         plan["weights"] = _write_tensors(model.state_dict(), tmp / WEIGHTS)
         plan["inputs"] = _write_inputs(example_inputs, tmp / INPUTS)
-        plan["hf"] = _save_hf_config(model, base_shapes, tmp)
+        plan["hf"] = _save_hf_config(model, record, tmp)
         (tmp / PLAN).write_text(json.dumps(plan, indent=1))
     return Path(directory)
 
@@ -100,11 +110,22 @@ def _versions() -> dict[str, str | None]:
             "transformers": getattr(transformers, "__version__", None), "python": platform.python_version()}
 
 
-def _attributes(model: nn.Module, kept: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-    """Plain-valued attributes of every module replay touches (owners and their parents)."""
+def _layer_record(model: nn.Module, record: Any) -> dict[str, Any]:
+    """Branches replaced by ZeroBranch (with the output structure each stands in for) and dropped layers."""
+    from autosparse.nn import ZeroBranch
+
+    tuple_lens = {m.replaced: m.tuple_len for m in model.modules() if isinstance(m, ZeroBranch)}
+    replaced = getattr(record, "replaced", None) or []
+    return {"replaced": {name: tuple_lens.get(name, 0) for name in replaced},
+            "dropped_layers": list(getattr(record, "dropped_layers", None) or [])}
+
+
+def _attributes(model: nn.Module, kept: Mapping[str, Any], layers: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Plain-valued attributes of every module replay touches (owners and their parents), by final name."""
     owners = dict.fromkeys(name.rpartition(".")[0] for name in kept)
-    names = dict.fromkeys([*owners, *(o.rpartition(".")[0] for o in owners)])
-    return {name: _plain_attrs(model.get_submodule(name)) for name in names}
+    names = (moved(n, list(layers["replaced"]), layers["dropped_layers"])
+             for n in dict.fromkeys([*owners, *(o.rpartition(".")[0] for o in owners)]))
+    return {name: _plain_attrs(model.get_submodule(name)) for name in names if name is not None}
 
 
 def _plain_attrs(module: nn.Module) -> dict[str, Any]:
@@ -188,43 +209,64 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _save_hf_config(model: nn.Module, base_shapes: Mapping | None, tmp: Path) -> dict[str, Any] | None:
+def _save_hf_config(model: nn.Module, record: Any, tmp: Path) -> dict[str, Any] | None:
     """Write config.json; edit it where one key (e.g. intermediate_size) expresses the compaction."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_json_file"):
         return None
-    base_config = config.to_dict()
-    changes = _expressible_changes(model, base_shapes) if base_shapes is not None else None
+    base_shapes = getattr(record, "base_shapes", None)
+    changes = _expressible_changes(model, base_shapes or {})
     out = copy.deepcopy(config)
     for key, value in (changes or {}).items():
         setattr(out, key, value)
     out.architectures = [type(model).__name__]
     out.to_json_file(str(tmp / CONFIG))
-    return {"class": type(model).__name__, "base_config": base_config,
+    return {"class": type(model).__name__, "base_config": _base_config(model, record, base_shapes),
             "attn_implementation": getattr(config, "_attn_implementation", None),
-            "compatible": changes is not None, "config_changes": changes or {}}
+            "compatible": changes is not None,
+            "config_changes": {**(getattr(record, "config_changes", None) or {}), **(changes or {})}}
+
+
+def _on_meta(cls: type, config: Any) -> nn.Module | None:
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no initialisation
+            return cls(config)
+    except Exception:  # a config the class rejects simply does not describe the model
+        return None
 
 
 def _expressible_changes(model: nn.Module, base_shapes: Mapping) -> dict[str, int] | None:
-    """Config edits under which ``type(model)(config)`` has the compacted shapes, or None."""
+    """Config edits (none, or one MLP width) under which ``type(model)(config)`` has the compacted shapes."""
     target = architecture(model)
-    if set(target) != set(base_shapes):
-        return None
-    new_sizes = {n for name, shape in target.items() for n, b in zip(shape, base_shapes[name]) if n != b}
-    candidates = [{}] if not new_sizes else [
-        {key: size} for key in _HF_WIDTH_KEYS if hasattr(model.config, key) for size in new_sizes]
+    new_sizes = {n for name, shape in target.items() if name in base_shapes
+                 for n, b in zip(shape, base_shapes[name]) if n != b}
+    # One edited key can only explain one new width: with several, only the config as it is can fit.
+    widths = new_sizes if len(new_sizes) == 1 else set()
+    candidates = [{}] + [{key: size} for key in _HF_WIDTH_KEYS if hasattr(model.config, key) for size in widths]
     for changes in candidates:
         config = copy.deepcopy(model.config)
         for key, value in changes.items():
             setattr(config, key, value)
-        try:
-            with torch.device("meta"):
-                fresh = type(model)(config)
-        except Exception:  # an edit the class rejects is simply not expressible
-            continue
-        if architecture(fresh) == target:
+        fresh = _on_meta(type(model), config)
+        if fresh is not None and architecture(fresh) == target:
             return changes
     return None
+
+
+def _base_config(model: nn.Module, record: Any, base_shapes: Mapping | None) -> dict | None:
+    """The config of the base model, verified to rebuild ``base_shapes``; None when it cannot be told.
+
+    ``compact`` snapshots it before it rewrites widths and layer counts into the model's config.
+    """
+    saved = getattr(record, "base_config", None)
+    if saved is None:  # a record from before the snapshot existed: only an untouched config will do
+        if getattr(record, "config_changes", None) or getattr(record, "dropped_layers", None):
+            return None
+        saved = model.config.to_dict()
+    if base_shapes is None:
+        return saved
+    fresh = _on_meta(type(model), type(model.config).from_dict(copy.deepcopy(saved)))
+    return saved if fresh is not None and architecture(fresh) == dict(base_shapes) else None
 
 
 # ------------------------------------------------------------------------------------------ load
@@ -259,18 +301,24 @@ def load(directory: str | os.PathLike[str], base_model: nn.Module | None = None,
     base = base_model if base_model is not None else _hf_base(plan, root)
     if is_sparsified(base) or getattr(base, "_autosparse_record", None) is not None:
         raise PlanMismatchError("load() needs a fresh base model; the one given is already gated or compacted")
-    kept = plan["record"]["kept"]
+    record_data = plan.get("record")
+    if not isinstance(record_data, dict) or not isinstance(record_data.get("kept"), dict):
+        raise PlanMismatchError(f"{root / PLAN} is corrupted: it has no valid 'record'")
+    kept = record_data["kept"]
+    replaced, dropped = record_data.get("replaced", {}), record_data.get("dropped_layers", [])
     _check_base(base, plan)
     check(base, kept)
+    check_layers(base, replaced, dropped)
     base_shapes = architecture(base)
-    _check_weights(weights, shapes_after(base_shapes, kept), plan["weights"]["aliases"])
+    _check_weights(weights, shapes_after(base_shapes, kept, list(replaced), dropped), plan["weights"]["aliases"])
     target = base if inplace or base_model is None else copy.deepcopy(base)
     replay(target, kept)
+    replay_layers(target, replaced, dropped)
     _load_tensors(target, weights, plan["weights"]["aliases"])
     _check_attributes(target, plan)
     from autosparse.compaction import Record  # imported late: compaction pulls in the gating machinery
 
-    record = Record(kept=kept, groups=plan["record"]["groups"])
+    record = Record(kept=kept, groups=record_data.get("groups", {}), replaced=list(replaced), dropped_layers=dropped)
     record.base_shapes = base_shapes
     target._autosparse_record = record
     return target.eval()
@@ -321,7 +369,7 @@ def _check_file(root: Path, entry: Mapping[str, Any] | None) -> Path:
 
 def _hf_base(plan: Mapping[str, Any], root: Path) -> nn.Module:
     hf = plan.get("hf")
-    if not hf:
+    if not hf or not hf.get("base_config"):
         raise PlanMismatchError(
             f"{root} holds a {plan.get('model_class')}: pass base_model=, a freshly built instance of it")
     import transformers

@@ -73,19 +73,19 @@ def _drop_empty_layers(target: nn.Module, state: SparsityState, replaced: set[st
         owner_name, _, index = parent.rpartition(".")
         del target.get_submodule(owner_name)[int(index)]
     if dropped:
-        _renumber_layers(target)
+        _renumber_layers(target, {int(p.rpartition(".")[2]) for p in dropped})
     return dropped
 
 
-def _renumber_layers(target: nn.Module) -> None:
-    """Keep Hugging Face bookkeeping consistent: layer counts in the config, cache layer indices."""
+def _renumber_layers(target: nn.Module, dropped: set[int]) -> None:
+    """Keep Hugging Face bookkeeping consistent: layer counts and types, cache layer indices."""
     config = getattr(target, "config", None)
     for module in target.modules():
         if isinstance(module, nn.ModuleList) and config is not None:
             if getattr(config, "num_hidden_layers", None) and len(module) < config.num_hidden_layers:
                 config.num_hidden_layers = len(module)
                 if hasattr(config, "layer_types") and isinstance(config.layer_types, list):
-                    config.layer_types = config.layer_types[: len(module)]
+                    config.layer_types = [t for i, t in enumerate(config.layer_types) if i not in dropped]
             for i, layer in enumerate(module):
                 for sub in layer.modules():
                     if isinstance(getattr(sub, "layer_idx", None), int):

@@ -1,16 +1,23 @@
 """Replay a compaction Record on a model: check that it fits, then slice tensors and fix attributes.
 
-``compact`` uses :func:`replay` to apply what it decided; ``load`` uses it to rebuild the compacted
-architecture on a freshly built base model. Checking is separate from mutating (:func:`check`
-is pure), so a plan that does not fit is reported before the model is touched.
+``compact`` uses :func:`replay` to apply what it decided; ``load`` uses it, then
+:func:`replay_layers` (residual branches replaced by ``ZeroBranch``, emptied layers dropped), to
+rebuild the compacted architecture on a freshly built base model. Checking is separate from
+mutating (:func:`check`, :func:`check_layers` and :func:`shapes_after` are pure), so a plan that
+does not fit is reported before the model is touched.
+
+Names in a Record are those of the base model: slicing and branch replacement happen before
+layers are dropped and the remaining ones renumbered; :func:`moved` maps a name to where it ends up.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,22 +33,43 @@ def architecture(model: nn.Module) -> Shapes:
     return {name: tuple(t.shape) for name, t in model.state_dict(keep_vars=True).items()}
 
 
+def base_config(model: nn.Module) -> dict[str, Any] | None:
+    """A Hugging Face model's config as a dict (what rebuilds the base model), or None."""
+    config = getattr(model, "config", None)
+    return copy.deepcopy(config.to_dict()) if hasattr(config, "to_dict") else None
+
+
 def architecture_hash(shapes: Mapping[str, tuple[int, ...] | list[int]]) -> str:
     """A stable sha256 of tensor names and shapes, independent of dict order."""
     canonical = json.dumps(sorted((name, list(shape)) for name, shape in shapes.items()))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def shapes_after(base: Shapes, kept: Mapping[str, Mapping[str, list[int]]]) -> Shapes:
-    """The shapes ``base`` tensors have once ``kept`` positions are sliced out of them."""
-    out = dict(base)
-    for name, dims in kept.items():
-        if name in out:
-            shape = list(out[name])
-            for dim, positions in dims.items():
-                shape[int(dim)] = len(positions)
-            out[name] = tuple(shape)
+def shapes_after(base: Shapes, kept: Mapping[str, Mapping[str, list[int]]],
+                 replaced: Sequence[str] = (), dropped: Sequence[str] = ()) -> Shapes:
+    """The names and shapes ``base`` tensors have once the whole Record is replayed."""
+    out = {}
+    for name, shape in base.items():
+        new_shape = list(shape)
+        for dim, positions in kept.get(name, {}).items():
+            new_shape[int(dim)] = len(positions)
+        new_name = moved(name, replaced, dropped)
+        if new_name is not None:
+            out[new_name] = tuple(new_shape)
     return out
+
+
+def moved(name: str, replaced: Sequence[str] = (), dropped: Sequence[str] = ()) -> str | None:
+    """Where module or tensor ``name`` of the base model is after the replay; None if removed."""
+    if any(name == r or name.startswith(r + ".") for r in [*replaced, *dropped]):
+        return None
+    for owner in dict.fromkeys(d.rpartition(".")[0] for d in dropped):
+        prefix = f"{owner}." if owner else ""
+        head, _, rest = name[len(prefix):].partition(".")
+        if name.startswith(prefix) and head.isdigit():
+            gone = sum(1 for d in dropped if d.rpartition(".")[0] == owner and int(d.rpartition(".")[2]) < int(head))
+            name = f"{prefix}{int(head) - gone}" + (f".{rest}" if rest else "")
+    return name
 
 
 def _tensor(model: nn.Module, name: str) -> torch.Tensor | None:
@@ -116,3 +144,42 @@ def replay(model: nn.Module, kept: Mapping[str, Mapping[str, list[int]]]) -> Sha
     for parent in dict.fromkeys(owner.rpartition(".")[0] for owner in old_shapes):
         fix_attention(model.get_submodule(parent))
     return base
+
+
+def check_layers(model: nn.Module, replaced: Mapping[str, int], dropped: Sequence[str]) -> None:
+    """Raise :class:`PlanMismatchError` if a replaced branch or a dropped layer does not exist."""
+    for name in replaced:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise PlanMismatchError(f"the plan replaces branch '{name}', which {type(model).__name__} "
+                                    "does not have") from None
+    for name in dropped:
+        owner, _, index = name.rpartition(".")
+        try:
+            container = model.get_submodule(owner)
+        except AttributeError:
+            container = None
+        if not isinstance(container, nn.ModuleList) or not index.isdigit() or int(index) >= len(container):
+            raise PlanMismatchError(f"the plan drops layer '{name}', which is not an entry of a ModuleList "
+                                    f"in {type(model).__name__}")
+
+
+def replay_layers(model: nn.Module, replaced: Mapping[str, int], dropped: Sequence[str]) -> None:
+    """Replace branches by :class:`~autosparse.nn.ZeroBranch` (``{name: tuple_len}``), then drop layers.
+
+    Raises:
+        PlanMismatchError: a branch or layer does not exist; raised before anything is changed.
+    """
+    from autosparse.layers import _renumber_layers
+    from autosparse.nn import ZeroBranch
+
+    check_layers(model, replaced, dropped)
+    for name, tuple_len in replaced.items():
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, ZeroBranch(int(tuple_len), name))
+    for name in sorted(dropped, key=lambda d: -int(d.rpartition(".")[2])):
+        owner, _, index = name.rpartition(".")
+        del model.get_submodule(owner)[int(index)]
+    if dropped:
+        _renumber_layers(model, {int(d.rpartition(".")[2]) for d in dropped})

@@ -24,6 +24,7 @@ from torch import nn
 
 from autosparse.errors import ExampleInputsError
 from autosparse.measure import _BINARY, _SI, _human, count_params, flops_by_module, measure_latency
+from autosparse.replay import moved
 from autosparse.state import STATE_ATTR, get_state, is_sparsified
 
 _METRICS = ("params", "flops", "size_bytes", "latency_ms")
@@ -118,7 +119,7 @@ def report(model: nn.Module, *, before: nn.Module | None = None, example_inputs:
         example_inputs = example_inputs if example_inputs is not None else state.example_inputs
         after = _compacted(model)
         before = _dense(model) if before is None else before
-        groups = _group_tensors(state)
+        groups = _group_tensors(state, before)
     elif before is None:
         raise ValueError(f"report() needs before= (the dense model) to compare {type(model).__name__} with")
     else:
@@ -126,6 +127,9 @@ def report(model: nn.Module, *, before: nn.Module | None = None, example_inputs:
     if example_inputs is None:
         raise ExampleInputsError("report() needs example_inputs to count FLOPs and time the model")
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    if latency:  # warm both first: the first forward of a process pays one-off setup costs
+        for m in (before, after):
+            measure_latency(m, inputs, repeats=1, warmup=2)
     sides = [_measure(m, inputs, latency, repeats) for m in (before, after)]
     total = Row("total", None, *(_pair(sides, key) for key in _METRICS))
     units = getattr(getattr(after, "_autosparse_record", None), "groups", {}) or {}
@@ -150,11 +154,17 @@ def _dense(model: nn.Module) -> nn.Module:
     return dense
 
 
-def _group_tensors(state: Any) -> dict[str, tuple[int, set[str]]]:
+def _group_tensors(state: Any, dense: nn.Module) -> dict[str, tuple[int, set[str]]]:
+    """Per gated group, the tensors it slices (channels, heads) or removes (whole residual branches)."""
+    names = [name for name, _ in [*dense.named_parameters(), *dense.named_buffers()]]
     out = {}
     for gg in state.plan.gated:
-        units = np.asarray(gg.group.units)
-        tensors = {m.name for m in state.plan.analysis.members if np.isin(m.ids, units).any()}
+        if getattr(gg, "branches", None):
+            prefixes = tuple(f"{b.module}." for b in gg.branches)
+            tensors = {name for name in names if name.startswith(prefixes)}
+        else:
+            units = np.asarray(gg.group.units)
+            tensors = {m.name for m in state.plan.analysis.members if np.isin(m.ids, units).any()}
         out[gg.name] = (len(gg.units), tensors)
     return out
 
@@ -189,12 +199,17 @@ def _pair(sides: list[dict[str, Any]], key: str) -> tuple[Any, Any] | None:
 
 def _group_row(name: str, units: dict[str, int] | None, tensors: set[str], sides: list[dict]) -> Row:
     modules = _group_modules(sides[0]["model"], tensors)
+    record = getattr(sides[1]["model"], "_autosparse_record", None)
+    gone = (list(getattr(record, "replaced", []) or []), list(getattr(record, "dropped_layers", []) or []))
     params, sizes, flops = [], [], []
-    for side in sides:
-        present = [side["tensors"][t] for t in tensors if t in side["tensors"]]
+    for i, side in enumerate(sides):
+        # The compacted model may have lost branches and renumbered layers: follow each name there.
+        where = (lambda n: n) if i == 0 else (lambda n: moved(n, *gone))
+        present = [side["tensors"].get(where(t)) for t in tensors]
+        present = [t for t in present if t is not None]
         params.append(sum(t.numel() for t in present if isinstance(t, nn.Parameter)))
         sizes.append(sum(t.numel() * t.element_size() for t in present))
-        flops.append(sum(side["module_flops"].get(m, 0) for m in modules))
+        flops.append(sum(side["module_flops"].get(where(m), 0) for m in modules))
     return Row(name, (units["before"], units["after"]) if units else None,
                tuple(params), tuple(flops), tuple(sizes))
 

@@ -1,0 +1,149 @@
+"""The command line, as a subprocess (inspect) and in-process (the checkpoint -> save -> export chain)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import autosparse
+from autosparse import cli, io
+
+ROOT = Path(__file__).resolve().parents[1]
+POLICY = str(ROOT / "configs" / "channels.yaml")
+TINY = """
+    import torch
+    from torch import nn
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                             nn.Flatten(), nn.Linear(16, 10)).eval()
+
+    def with_inputs():
+        return build(), (torch.randn(2, 3, 16, 16),)
+
+    not_a_model = 3
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    (tmp_path / "tinymod.py").write_text(textwrap.dedent(TINY))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), str(ROOT)])}
+    return subprocess.run([sys.executable, "-m", "autosparse", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_inspect_as_a_subprocess(tiny: Path) -> None:
+    done = _run("inspect", "tinymod:build", "--policy", POLICY, "--input-shape", "1,3,16,16", cwd=tiny)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"tinymod:build: Sequential, 1,578 params; policy {POLICY} gates 2 groups (24 units)"
+    assert any(line.split()[:3] == ["0", "channel", "8/8"] for line in lines)
+    assert any(line.split()[:3] == ["3", "channel", "16/16"] for line in lines)
+    assert "  - 7: channels reach the model's outputs" in lines
+
+
+def _main(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        code = cli.main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["inspect", "nosuchmodule:build", "--policy", POLICY], 2, "cannot import module 'nosuchmodule'"),
+    (["inspect", "tinymod:nothing", "--policy", POLICY], 2, "has no attribute 'nothing'"),
+    (["inspect", "tinymod:not_a_model", "--policy", POLICY], 2, "returned int, not a torch.nn.Module"),
+    (["inspect", "no/such/config", "--policy", POLICY], 2, "neither 'package.module:callable' nor a Hugging Face"),
+    (["inspect", "tinymod:build", "--policy", POLICY], 2, "no example inputs: pass --input-shape"),
+    (["inspect", "tinymod:with_inputs", "--policy", "missing.yaml"], 2, "policy file 'missing.yaml' does not exist"),
+    (["inspect", "tinymod:with_inputs", "--policy", str(ROOT / "configs/heads.yaml")], 1, "NoGatesError"),
+    (["inspect", "tinymod:build", "--policy", POLICY, "--input-shape", "1,x"], 2, "not a shape: '1,x'"),
+    (["compact", "nowhere", "--out", "o"], 2, "'nowhere' is not a directory"),
+    (["export", ".", "out.onnx"], 1, "is not an autosparse save: it has no plan.json"),
+    (["frobnicate"], 2, "invalid choice: 'frobnicate'"),
+])
+def test_bad_command_lines(tiny: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+                           args: list[str], code: int, message: str) -> None:
+    monkeypatch.chdir(tiny)
+    try:
+        got = _main(capsys, *args)
+    except SystemExit as exit_:  # argparse's own usage errors
+        got = (exit_.code, "", capsys.readouterr().err)
+    assert got[0] == code
+    assert message in got[2]
+
+
+@pytest.mark.parametrize("command", [[], ["inspect"], ["compact"], ["export"], ["report"]])
+def test_help_for_every_command(capsys: pytest.CaptureFixture, command: list[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*command, "--help"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith(f"usage: autosparse {' '.join(command)}".rstrip())
+
+
+def test_inspect_json(tiny: Path, capsys: pytest.CaptureFixture) -> None:
+    code, out, _ = _main(capsys, "inspect", "tinymod:with_inputs", "--policy", POLICY, "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["gates"] == {"0": 8, "3": 16}
+    assert data["unprunable"] == [{"where": "7", "reason": "channels reach the model's outputs"}]
+
+
+def test_checkpoint_compact_export_report(tiny: Path, capsys: pytest.CaptureFixture) -> None:
+    import tinymod
+
+    x = torch.randn(2, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = autosparse.sparsify(tinymod.build(), POLICY, example_inputs=(x,))
+    for gate in autosparse.gates(net).values():
+        gate.zero_([0, 1, 2])
+    io.save_checkpoint(net, tiny / "ckpt", model_spec="tinymod:build")
+
+    code, out, _ = _main(capsys, "compact", str(tiny / "ckpt"), "--out", str(tiny / "small"))
+    assert code == 0
+    assert out.splitlines() == ["0: 8 -> 5", "3: 16 -> 13", f"wrote {tiny / 'small'}: 888 params (gated model: 1,602)"]
+    small = io.load(tiny / "small", tinymod.build())
+    with torch.no_grad():
+        torch.testing.assert_close(small(x), autosparse.compact(net)(x), atol=1e-6, rtol=0)
+
+    code, out, _ = _main(capsys, "export", str(tiny / "small"), str(tiny / "small.pt2"))
+    assert code == 0 and out.startswith(f"wrote {tiny / 'small.pt2'} (torch, ") and out.endswith(" 888 params)\n")
+
+    code, out, _ = _main(capsys, "report", str(tiny / "small"), "--json", "--no-latency")
+    assert code == 0
+    total = json.loads(out)["total"]
+    assert total["params"]["before"] == 1578 and total["params"]["after"] == 888
+    code, out, _ = _main(capsys, "report", str(tiny / "ckpt"), "--no-latency")
+    assert code == 0 and "8 -> 5 (0.62x)" in out
+
+    code, _, err = _main(capsys, "compact", str(tiny / "ckpt"), "--out", str(tiny / "small"))
+    assert code == 1 and "FileExistsError" in err and "overwrite" in err
+
+
+def test_demo_is_dispatched(monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    calls: list[list[str]] = []
+    fake = types.ModuleType("autosparse.demo")
+    fake.main = lambda argv=None: calls.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "autosparse.demo", fake)
+    assert cli.main(["demo", "--steps", "3"]) == 0
+    assert calls == [["--steps", "3"]]
