@@ -29,6 +29,7 @@ class Capture:
     root: nn.Module | None  # the GraphModule whose submodules a "fx" graph's call_module targets
     tensor_names: dict[str, str] = field(default_factory=dict)  # node name -> parameter/buffer FQN
     seconds: float = 0.0
+    model: nn.Module | None = None  # the captured model itself (module attributes, never mutated)
 
     def shape(self, node: Any) -> tuple[int, ...] | None:
         """The static shape of a node's tensor output, or None when it is not a tensor."""
@@ -148,6 +149,7 @@ def capture(model: nn.Module, example_inputs: Any) -> Capture:
         for name, attempt in attempts:
             try:
                 result = attempt()
+                result.model = model
                 result.seconds = time.perf_counter() - start
                 return result
             except Exception as exc:  # tracer failures come in many types; each is reported below

@@ -96,6 +96,19 @@ def _hf_conv1d(m: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
 _Q_NAMES = ("q_proj", "query", "q", "c_attn", "qkv", "Wqkv")
 _K_NAMES = ("k_proj", "key", "k")
 _HEAD_DIM_NAMES = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size")
+HEAD_COUNT_NAMES = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads", "q_heads")
+KV_COUNT_NAMES = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "kv_heads")
+
+
+def head_count_attribute(module: nn.Module, value: int) -> str | None:
+    """The name of ``module``'s head-count attribute equal to ``value``, if ``fix_attention`` can
+    rewrite it after compaction (it needs a query projection and an integer head_dim)."""
+    head_dim = next((getattr(module, n) for n in _HEAD_DIM_NAMES if isinstance(getattr(module, n, None), int)),
+                    None)
+    has_q = any(isinstance(getattr(module, n, None), nn.Module) for n in _Q_NAMES)
+    if not head_dim or not has_q:
+        return None
+    return next((a for a in HEAD_COUNT_NAMES + KV_COUNT_NAMES if getattr(module, a, None) == value), None)
 
 
 def _out_features(module: nn.Module) -> int | None:
@@ -121,10 +134,10 @@ def fix_attention(module: nn.Module) -> bool:
     n_q = _out_features(q) // fused // head_dim
     k = next((getattr(module, n) for n in _K_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
     n_kv = _out_features(k) // head_dim if k is not None and _out_features(k) else n_q
-    for attr in ("num_heads", "num_attention_heads", "n_heads", "n_head"):
+    for attr in HEAD_COUNT_NAMES:
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, n_q)
-    for attr in ("num_key_value_heads", "num_kv_heads"):
+    for attr in KV_COUNT_NAMES:
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, n_kv)
     for attr in ("all_head_size", "inner_dim", "split_size"):

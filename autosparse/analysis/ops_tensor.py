@@ -77,10 +77,26 @@ def reshape(ctx: OpContext) -> None:
     if split and new is not None:
         sizes = _shape_args(ctx) if ctx.node.target in _SIZED else []
         fixed = len(sizes) == len(out_shape) and isinstance(sizes[new.dim], int) and sizes[new.dim] != -1
-        if fixed and ctx.state.capture.kind == "fx":
+        if fixed and ctx.state.capture.kind == "fx" and not _rewritable_head_count(ctx, sizes[new.dim]):
             ctx.block(new, f"a reshape that hard-codes the group count {sizes[new.dim]} (channel shuffle?)")
         ctx.state.head_elements.update(int(i) for i in new.ids)
     ctx.output(new)
+
+
+def _rewritable_head_count(ctx: OpContext, count: int) -> bool:
+    """A hard-coded head count is fine when it is an attribute compaction rewrites (``self.heads``)."""
+    from autosparse.surgery import head_count_attribute
+
+    stack = ctx.node.meta.get("nn_module_stack") or {}
+    model = ctx.state.capture.model
+    if not stack or model is None:
+        return False
+    path = list(stack.values())[-1][0]
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return False
+    return head_count_attribute(module, count) is not None
 
 
 _SIZED = {"view", "reshape", aten.view.default, aten.reshape.default, torch.reshape}
@@ -89,6 +105,20 @@ _SIZED = {"view", "reshape", aten.view.default, aten.reshape.default, torch.resh
 def expand(ctx: OpContext) -> None:
     out_shape = ctx.shape()
     ctx.output(_align(ctx, ctx.arg(0), len(out_shape)) if out_shape else None)
+
+
+def repeat_interleave(ctx: OpContext) -> None:
+    """``x.repeat_interleave(r, dim)`` (GQA key/value sharing): each position is repeated r times."""
+    x, repeats, dim = ctx.arg(0), ctx.arg(1, "repeats"), ctx.arg(2, "dim")
+    label = ctx.label(x)
+    if label is None:
+        return ctx.output(None)
+    if not isinstance(repeats, int) or dim is None:
+        ctx.block(label, "repeat_interleave with tensor repeats or no dim")
+        return ctx.output(None)
+    if int(dim) % ctx.ndim(x) != label.dim:
+        return ctx.output(label)
+    ctx.output(Label(label.dim, np.repeat(label.ids, repeats)))
 
 
 def permute(ctx: OpContext) -> None:
@@ -356,6 +386,7 @@ def register(rules: Registry) -> None:
          aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.squeeze,
          aten.unsqueeze, torch.nn.Flatten, torch.nn.Unflatten], reshape)
     rules.register(["expand", "expand_as", aten.expand, aten.expand_as], expand)
+    rules.register(["repeat_interleave", torch.repeat_interleave, aten.repeat_interleave], repeat_interleave)
     rules.register(["permute", "transpose", "t", "swapaxes", torch.permute, torch.transpose,
                     aten.permute, aten.transpose, aten.t], permute)
     rules.register([torch.cat, torch.concat, aten.cat, aten.concat], cat)
