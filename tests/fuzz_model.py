@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from tests.fuzz import B, CDIM, OPS, Node, Spec, opaque
+from tests.fuzz import CDIM, OPS, B, Node, Spec, opaque
 
 
 @fx.wrap  # must be called in the module whose code calls the function
@@ -80,6 +80,51 @@ class Attn(nn.Module):
         return self.o(out.transpose(1, 2).reshape(b, t, -1))
 
 
+class MlpBranch(nn.Module):
+    def __init__(self, c: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(c, hidden), nn.Linear(hidden, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class ConvBranch(nn.Module):
+    def __init__(self, c: int, hidden: int, nd: int) -> None:
+        super().__init__()
+        conv = nn.Conv1d if nd == 1 else nn.Conv2d
+        self.conv1, self.conv2 = conv(c, hidden, 1), conv(hidden, c, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(torch.relu(self.conv1(x)))
+
+
+class Residual(nn.Module):
+    """``x + f(x)`` with ``f`` a child module: what layer gates act on (branches of one class compete)."""
+
+    def __init__(self, shape: tuple[int, ...], kind: str, hidden: int, style: str) -> None:
+        super().__init__()
+        c = shape[CDIM[kind]]
+
+        def branch() -> nn.Module:
+            return MlpBranch(c, hidden) if kind in ("seq", "flat") else ConvBranch(c, hidden, len(shape) - 2)
+
+        self.style = style
+        if style == "list":
+            self.branches = nn.ModuleList([branch(), branch()])
+        else:
+            self.branch = branch()
+        if style == "prenorm":
+            self.norm = nn.LayerNorm(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.style == "list":
+            for branch in self.branches:
+                x = x + branch(x)
+            return x
+        return x + self.branch(self.norm(x) if self.style == "prenorm" else x)
+
+
 def _nd(cls_name: str, shape: tuple[int, ...]):
     return getattr(nn, f"{cls_name}{len(shape) - 2}d")
 
@@ -115,6 +160,10 @@ def _build(node: Node, shape: tuple[int, ...], kind: str) -> nn.Module | None:
         return nn.Linear(c, a[0], bias=a[1])
     if op == "attn":
         return Attn(c, shape[1], *a)
+    if op == "cl_linear":
+        return nn.Linear(c, a[0])
+    if op == "resblock":
+        return Residual(shape, kind, *a)
     if op in ("ln", "rms"):
         return (nn.LayerNorm if op == "ln" else nn.RMSNorm)(c)
     if op in ("gather", "index_select"):
@@ -143,6 +192,8 @@ def _revcat(x: torch.Tensor, n: int, dim: int, style: str) -> torch.Tensor:
 def _call(net: FuzzNet, i: int, node: Node, xs: list, in_shape: tuple[int, ...], kind: str):
     op, a, cd = node.op, node.arg, CDIM[kind]
     key = f"n{i}"
+    if op == "cl_linear":  # ConvNeXt style: channels-last Linear between two permutes
+        return net.layers[key](xs[0].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
     if key in net.layers and op not in ("gather", "index_select"):
         return net.layers[key](xs[0])
     x = xs[0]
@@ -166,6 +217,7 @@ def _call(net: FuzzNet, i: int, node: Node, xs: list, in_shape: tuple[int, ...],
         "cumsum_c": lambda: x.cumsum(cd),
         "sum_c": lambda: x * x.sum(cd, keepdim=True),
         "amax_c": lambda: torch.amax(x, cd, keepdim=True),
+        "norm_c": lambda: x / (x.norm(2, cd, True) + 1.0),  # p given positionally, as torch allows
         "slice_c": lambda: x[..., 1:] if kind == "seq" else x[:, 1:],
         "perm_c": lambda: x[..., list(range(in_shape[cd]))[::-1]] if kind == "seq"
         else x[:, list(range(in_shape[cd]))[::-1]],
@@ -182,6 +234,10 @@ def _call(net: FuzzNet, i: int, node: Node, xs: list, in_shape: tuple[int, ...],
         "add": lambda: x + xs[1],
         "mul": lambda: x * xs[1],
         "sub": lambda: torch.sub(x, xs[1]),
+        "maximum": lambda: torch.maximum(x, xs[1]),
+        "where": lambda: torch.where(x > 0, x, x * 0.1),
+        "repeat_c": lambda: x.repeat(1, 2, *([1] * nsp)),
+        "normalize_c": lambda: F.normalize(x, dim=cd),
         "cat": lambda: torch.cat(xs, dim=cd),
     }
     if op in simple:
@@ -221,6 +277,8 @@ class FuzzNet(nn.Module):
         self.eval()
 
     def forward(self, x: torch.Tensor):
+        if self.spec.capture == "export" and x.dim() < 0:  # control flow on a size: fx cannot trace it
+            x = -x
         vals = [x]
         for i, node in enumerate(self.spec.nodes, 1):
             xs = [vals[j] for j in node.inputs]

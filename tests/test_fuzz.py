@@ -11,8 +11,9 @@ For each seeded :func:`tests.fuzz.generate` spec the checker proves:
    before compaction (nothing was compacted through it), and every unknown op fed directly by a
    weight shows up in ``explain()``.
 
-A few dozen seeds run in CI; ``-m slow`` runs 1,000. Failures print the spec's listing. Bugs found
-this way are minimised into the ``test_regression_*`` cases at the bottom (xfail until fixed).
+A few dozen seeds run in CI; ``-m slow`` runs 1,000. Failures print the spec's listing
+(``tests.fuzz.shrink`` makes it smaller). Bugs found this way are minimised into
+``tests/test_fuzz_regressions.py`` (xfail until fixed).
 """
 
 from __future__ import annotations
@@ -24,13 +25,12 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
 import autosparse
-from autosparse.compaction import removed_units
-from autosparse.errors import AutosparseWarning, NoGatesError
+from autosparse.compaction import removed_branches, removed_units
+from autosparse.errors import AutosparseWarning, CompactionError, NoGatesError
 from autosparse.state import get_state, is_sparsified
 from tests.fuzz import KNOWN_BUGS, OPS, Spec, generate
 from tests.fuzz_model import FuzzNet, make_input
@@ -43,18 +43,21 @@ PRODUCERS = {"conv", "gconv", "dwconv", "convT", "linear", "attn"}
 
 @dataclass
 class Outcome:
-    status: str  # "compacted" | "nogates"
+    status: str  # "compacted" | "nogates" | "known_bug" (a zero pattern that trips KNOWN_BUGS)
     gates: int = 0
     removed: int = 0
 
 
-def policy_for(seed: int, spec: Spec) -> dict:
+def policy_for(seed: int, spec: Spec, known_bugs: frozenset[str] = KNOWN_BUGS) -> dict:
     rng = random.Random(seed + 17)
     channel = {"granularity": "channel", "min_keep": rng.choice([1, 1, 2, 0.5]), "round_to": rng.choice([1, 1, 2])}
     named = [f"layers.n{i}" for i, n in enumerate(spec.nodes, 1) if n.op in PRODUCERS]
     if named and rng.random() < 0.2:
         channel["exclude"] = [rng.choice(named)]
-    return {"rules": [channel, {"granularity": "head"}, {"granularity": "layer"}]}
+    rules = [channel, {"granularity": "head"}]
+    if "layer_unit_collision" not in known_bugs:  # see test_regression_layer_gate_acts_only_on_its_branch
+        rules.append({"granularity": "layer"})
+    return {"rules": rules}
 
 
 def outputs(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
@@ -98,9 +101,11 @@ def zero_random(net: nn.Module, seed: int) -> None:
 
 
 def expected_numel(net: nn.Module) -> int:
-    """Parameters after compaction, predicted from the plan: each sliced dim keeps its other positions."""
+    """Parameters after compaction, predicted from the plan: each sliced dim keeps its other positions,
+    and residual branches whose layer gate is zero lose everything."""
     state = get_state(net)
     removed = np.fromiter(removed_units(state)[0], dtype=np.int64)
+    gone = tuple(f"{b.module}." for b in removed_branches(state))
     kept: dict[str, dict[int, int]] = {}
     for m in state.plan.analysis.members:
         kept.setdefault(m.name, {})[m.dim] = int((~np.isin(m.ids, removed)).sum())
@@ -109,6 +114,8 @@ def expected_numel(net: nn.Module) -> int:
         if ".parametrizations." in name and not name.endswith(".original"):
             continue  # the gates themselves
         name = name.replace(".parametrizations.", ".").removesuffix(".original")
+        if name.startswith(gone):
+            continue
         shape = list(p.shape)
         for dim, n in kept.get(name, {}).items():
             shape[dim] = n
@@ -117,17 +124,37 @@ def expected_numel(net: nn.Module) -> int:
 
 
 def unknown_op_names(spec: Spec) -> list[str]:
-    """How explain() must name each unknown op that reads the output of a weight directly."""
-    names = []
+    """How explain() must name each unknown op that reads the output of a weight directly (fx
+    captures only: torch.export decomposes modules and wrapped functions into aten ops)."""
+    names: list[str] = []
+    if spec.capture != "fx":
+        return names
+    shown_as = {"wrapped": "wrapped_mix", "repeat_c": "repeat", "normalize_c": "normalize"}
     for i, node in enumerate(spec.nodes, 1):
         src = spec.nodes[node.inputs[0] - 1] if node.inputs[0] else None
         if OPS.get(node.op) and OPS[node.op].category == "unknown" and src is not None and src.op in PRODUCERS:
             modules = ("chshuffle", "instnorm", "lrn")
-            names.append(f"layers.n{i}" if node.op in modules else "wrapped_mix" if node.op == "wrapped" else node.op)
+            names.append(f"layers.n{i}" if node.op in modules else shown_as.get(node.op, node.op))
     return names
 
 
-def check_spec(spec: Spec, *, verify: bool = True) -> Outcome:
+def check_layer_units(model: nn.Module, net: nn.Module, x: torch.Tensor) -> None:
+    """Zeroing one layer unit of a fresh gated model must equal the original with that branch output zero."""
+    state = get_state(net)
+    for gg, gate in zip(state.plan.gated, state.gate_list()):
+        for j, branch in enumerate(gg.branches[:3]):
+            gate.zero_([j])
+            hook = model.get_submodule(branch.module).register_forward_hook(lambda m, a, out: torch.zeros_like(out))
+            try:
+                expected, got = outputs(model, x), outputs(net, x)
+            finally:
+                hook.remove()
+                gate.forced_off.zero_()
+            diff = rel_diff(expected, got)
+            assert diff <= RTOL, f"zeroing layer unit {j} ({branch.module}) is not removing that branch: {diff:.3g}"
+
+
+def check_spec(spec: Spec, *, verify: bool = True, known_bugs: frozenset[str] = KNOWN_BUGS) -> Outcome:
     """Run the whole invariant on one spec; raises AssertionError (with the listing) on any violation."""
     model, x, fresh_x = FuzzNet(spec), make_input(spec), make_input(spec, salt=1)
     ref = outputs(model, x)
@@ -135,12 +162,13 @@ def check_spec(spec: Spec, *, verify: bool = True) -> Outcome:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AutosparseWarning)
         try:
-            net = autosparse.sparsify(model, policy_for(spec.seed, spec), example_inputs=(x,))
+            net = autosparse.sparsify(model, policy_for(spec.seed, spec, known_bugs), example_inputs=(x,))
         except NoGatesError:
             assert_unchanged(model, before)
             return Outcome("nogates")
     assert_unchanged(model, before)
     assert rel_diff(ref, outputs(net, x)) <= RTOL, "a fresh gate changed the outputs"
+    check_layer_units(model, net, x)
     names = unknown_op_names(spec)
     if names:
         report = autosparse.explain(net)
@@ -149,7 +177,12 @@ def check_spec(spec: Spec, *, verify: bool = True) -> Outcome:
     zero_random(net, spec.seed)
     gated = outputs(net, fresh_x)
     expected = expected_numel(net)
-    small = autosparse.compact(net, verify=False)
+    try:
+        small = autosparse.compact(net, verify=False)
+    except CompactionError as exc:
+        if "empty_producer" in known_bugs and "keeps positions [] of dim 0" in str(exc):
+            return Outcome("known_bug")  # see test_regression[concat_depthwise_empty_producer]
+        raise
     diff = rel_diff(gated, outputs(small, fresh_x))
     assert diff <= RTOL, f"compact(verify=False) silently changed the outputs by {diff:.3g} (relative)"
     if verify:
@@ -178,18 +211,19 @@ def test_fuzz_ci(seed: int) -> None:
 @pytest.mark.slow
 def test_fuzz_slow_1000() -> None:
     """1,000 architectures; every failure is listed (seed and spec), not only the first."""
-    failures, counts = [], {"compacted": 0, "nogates": 0}
+    failures, counts = [], {"compacted": 0, "nogates": 0, "known_bug": 0}
     for seed in SLOW_SEEDS:
         try:
             counts[run_seed(seed).status] += 1
         except AssertionError as exc:
             failures.append(str(exc))
+    print(f"fuzz outcomes over {len(SLOW_SEEDS)} seeds: {counts}")  # shown with -s / -rP
     assert not failures, f"{len(failures)} of {len(SLOW_SEEDS)} failed:\n\n" + "\n\n".join(failures[:10])
     assert counts["compacted"] >= len(SLOW_SEEDS) // 2, counts
 
 
 def test_generator_is_deterministic_and_covers_every_op() -> None:
-    specs = [generate(seed, exclude=frozenset()) for seed in range(300)]
+    specs = [generate(seed, exclude=frozenset()) for seed in range(1000)]
     assert specs[:20] == [generate(seed, exclude=frozenset()) for seed in range(20)]
     seen = {n.op for s in specs for n in s.nodes}
     assert set(OPS) <= seen, f"never generated: {set(OPS) - seen}"
