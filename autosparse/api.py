@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from autosparse.analysis import analyze
+from autosparse.analysis import DEFAULT_RULES, analyze
 from autosparse.analysis.branches import find_branches
 from autosparse.analysis.registry import Handler, RuleKey
 from autosparse.capture import capture
@@ -57,10 +57,11 @@ def sparsify(
         raise AlreadySparsifiedError(
             f"{type(model).__name__} is already sparsified; compact it or start from the original model"
         )
+    rules = DEFAULT_RULES.extended(op_rules)  # validates user rules before any work
     captured = capture(model, example_inputs)
     wants_layers = any(str(r.granularity) == "layer" for r in policy.rules)
     branches = find_branches(captured, model) if wants_layers else []
-    plan = make_plan(policy, analyze(captured, op_rules), model, branches)
+    plan = make_plan(policy, analyze(captured, rules), model, branches)
     target = model if inplace else copy.deepcopy(model)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs = {"use_cache": False} if "use_cache" in _forward_params(model) else {}

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from autosparse.errors import CompactionError, EquivalenceError
+from autosparse.errors import ArgumentError, CompactionError, EquivalenceError
 from autosparse.gates import GateSite
 from autosparse.hf import sync_config
 from autosparse.layers import remove_branches
@@ -53,7 +53,19 @@ def removed_units(state: SparsityState) -> tuple[set[int], dict[str, dict[str, i
         if not gg.branches:
             removed.update(gg.units[i] for i in range(len(gg.units)) if i not in keep)
         summary[gg.name] = {"before": len(gg.units), "after": len(keep)}
+    _keep_one_per_producer(state, removed)
     return removed, summary
+
+
+def _keep_one_per_producer(state: SparsityState, removed: set[int]) -> None:
+    """A group can span several producers (concat parts joined by a depthwise conv); min_keep counts
+    the group, so one producer could lose every output. Keep one (zero-gated, so exact) unit there."""
+    for member in state.plan.analysis.members:
+        if member.role != "producer" or len(member.ids) == 0:
+            continue
+        roots = np.unique(member.ids)
+        if all(int(r) in removed for r in roots):
+            removed.discard(int(roots[0]))
 
 
 def removed_branches(state: SparsityState) -> list:
@@ -69,6 +81,9 @@ def removed_branches(state: SparsityState) -> list:
 def compact_model(model: nn.Module, inplace: bool, verify: bool, rtol: float) -> nn.Module:
     """Return a compacted copy (or ``model`` itself when ``inplace``) with no gates left."""
     state = get_state(model)
+    if isinstance(rtol, bool) or not isinstance(rtol, (int, float)) or not rtol >= 0:
+        raise ArgumentError(f"compact: rtol must be a number >= 0 (a tolerance relative to the output "
+                            f"scale, e.g. 1e-5), got {rtol!r}")
     removed, summary = removed_units(state)
     target = model if inplace else copy.deepcopy(model)
     try:
@@ -80,8 +95,29 @@ def compact_model(model: nn.Module, inplace: bool, verify: bool, rtol: float) ->
     record.groups = summary
     target._autosparse_record = record
     if verify and state.example_inputs is not None and not inplace:
-        check_equivalence(model, target, state, rtol)
+        try:
+            check_equivalence(model, target, state, rtol)
+        except EquivalenceError as exc:
+            raise EquivalenceError(f"{exc} {_blame(model, state, removed, rtol)}") from None
     return target
+
+
+def _blame(model: nn.Module, state: SparsityState, removed: set[int], rtol: float) -> str:
+    """Compact one group at a time to name the groups whose removal alone breaks equivalence."""
+    culprits = []
+    for gg in state.plan.gated:
+        mine = removed.intersection(gg.units) if not gg.branches else set()
+        if not mine:
+            continue
+        trial = copy.deepcopy(model)
+        try:
+            _apply(trial, state, mine)
+            check_equivalence(model, trial, state, rtol)
+        except Exception:  # any failure of this group alone makes it a suspect
+            culprits.append(gg.name)
+    if not culprits:
+        return "No single group fails alone; the groups interact (see autosparse.explain)."
+    return f"Group(s) most likely responsible: {', '.join(culprits[:6])}."
 
 
 def _apply(model: nn.Module, state: SparsityState, removed: set[int]) -> Record:
@@ -144,8 +180,7 @@ def check_equivalence(gated: nn.Module, compact: nn.Module, state: SparsityState
     if worst > rtol:
         raise EquivalenceError(
             f"compacted model differs from the gated model by {worst:.3g} (relative, allowed {rtol:g}). "
-            f"Groups involved: {', '.join(gg.name for gg in state.plan.gated[:6])}. "
-            "This is a bug in autosparse's analysis for this architecture; please report it with "
-            "autosparse.explain(model)."
+            "This is a bug in autosparse's analysis for this architecture (or a custom op rule); please "
+            "report it with autosparse.explain(model)."
         )
     return worst

@@ -19,6 +19,10 @@ class PolicyError(AutosparseError, ValueError):
     """A policy (YAML file, dict or object) is malformed: the message names the key path and the fix."""
 
 
+class ArgumentError(AutosparseError, ValueError):
+    """A keyword argument of a public function is out of range or of the wrong type."""
+
+
 class ExampleInputsError(AutosparseError, ValueError):
     """``example_inputs`` are missing or do not fit the model."""
 

@@ -81,6 +81,10 @@ def explain(model: nn.Module, *, example_inputs: tuple | None = None) -> Explana
         analysis = analyze(capture(model, example_inputs))
         kept, skipped = {}, []
     report = _report(analysis, kept)
+    if is_sparsified(model):
+        for gg in (gg for gg in state.plan.gated if gg.branches):
+            report.groups.append(GroupReport(gg.name, "layer", len(gg.units), len(gg.units), kept.get(gg.name),
+                                             [b.module for b in gg.branches], [b.weight for b in gg.branches]))
     report.unprunable = analysis.unprunable + skipped
     return report
 

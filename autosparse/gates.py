@@ -62,8 +62,10 @@ class Gate(nn.Module):
 
     def zero_(self, indices: Sequence[int] | torch.Tensor) -> Gate:
         """Force units to exact zero (manual pruning, tests). Returns self."""
-        idx = torch.as_tensor(list(indices) if not isinstance(indices, torch.Tensor) else indices,
-                              dtype=torch.long)
+        raw = torch.as_tensor(list(indices) if not isinstance(indices, torch.Tensor) else indices)
+        if raw.numel() and (raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool):
+            raise TypeError(f"gate '{self.name}': zero_ takes integer unit indices, got {raw.dtype}")
+        idx = raw.to(torch.long)
         if idx.numel() and (idx.min() < 0 or idx.max() >= self.size):
             raise IndexError(f"gate '{self.name}' has {self.size} units; got indices {idx.tolist()}")
         with torch.no_grad():

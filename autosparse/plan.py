@@ -40,6 +40,8 @@ class Plan:
         """For each consumer (tensor, dim): the gates it reads and its position -> value index."""
         offsets, order = {}, {}
         for i, gg in enumerate(self.gated):
+            if gg.branches:  # layer units are branch indices, not element classes
+                continue
             for j, root in enumerate(gg.units):
                 order[root] = (i, j)
         sites: dict[tuple[str, int], tuple[list[int], np.ndarray]] = {}

@@ -57,10 +57,22 @@ def run_model(model: nn.Module, state: SparsityState) -> Any:
     try:
         model.eval()
         with torch.no_grad():
-            return model(*state.example_inputs, **state.example_kwargs)
+            return model(*_like_model(model, state.example_inputs), **state.example_kwargs)
     finally:
         for module, mode in modes.items():
             module.training = mode
+
+
+def _like_model(model: nn.Module, inputs: tuple) -> tuple:
+    """The stored inputs on the model's device, floating ones in its dtype (it may have been cast since)."""
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is None:
+        return inputs
+    return tuple(
+        t.to(device=param.device, dtype=param.dtype if t.is_floating_point() else t.dtype)
+        if isinstance(t, torch.Tensor) else t
+        for t in inputs
+    )
 
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:

@@ -97,6 +97,7 @@ _Q_NAMES = ("q_proj", "query", "q", "c_attn", "qkv", "Wqkv")
 _K_NAMES = ("k_proj", "key", "k")
 _HEAD_DIM_NAMES = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size")
 HEAD_COUNT_NAMES = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads", "q_heads")
+WIDTH_NAMES = ("all_head_size", "inner_dim", "split_size")
 KV_COUNT_NAMES = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "kv_heads")
 
 
@@ -108,7 +109,12 @@ def head_count_attribute(module: nn.Module, value: int) -> str | None:
     has_q = any(isinstance(getattr(module, n, None), nn.Module) for n in _Q_NAMES)
     if not head_dim or not has_q:
         return None
-    return next((a for a in HEAD_COUNT_NAMES + KV_COUNT_NAMES if getattr(module, a, None) == value), None)
+    names = HEAD_COUNT_NAMES + KV_COUNT_NAMES + WIDTH_NAMES
+    found = next((a for a in names if getattr(module, a, None) == value), None)
+    if found is None:  # ``self.heads * self.head_dim`` is folded into a literal by tracing
+        found = next((a for a in HEAD_COUNT_NAMES + KV_COUNT_NAMES
+                      if isinstance(getattr(module, a, None), int) and getattr(module, a) * head_dim == value), None)
+    return found
 
 
 def _out_features(module: nn.Module) -> int | None:
@@ -140,7 +146,7 @@ def fix_attention(module: nn.Module) -> bool:
     for attr in KV_COUNT_NAMES:
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, n_kv)
-    for attr in ("all_head_size", "inner_dim", "split_size"):
+    for attr in WIDTH_NAMES:
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, n_q * head_dim)
     return True

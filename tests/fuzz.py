@@ -371,21 +371,7 @@ BINARY = ("add", "mul", "sub", "cat", "maximum")
 # checker), "layer_unit_collision" (the checker then leaves layer rules out of the policy),
 # "export_literal_view" (a literal head / group count in a view of a model captured by torch.export),
 # "export_vector_norm" (F.normalize in a model captured by torch.export).
-KNOWN_BUG_TESTS: dict[str, str] = {
-    "bcast_channel": "test_regression[broadcast_channel]",
-    "cpad": "test_regression[channel_pad]",
-    "unbatched_pool": "test_regression[unbatched_pool]",
-    "lenet_view": "test_regression[lenet_view]",
-    "hardcoded_unsplit_view": "test_regression[literal_unsqueeze_view]",
-    "hardcoded_split": "test_regression[literal_split]",
-    "tuple_slice": "test_regression[sliced_split_cat]",
-    "empty_producer": "test_regression[concat_depthwise_empty_producer]",
-    "modulelist_branch": "test_regression_modulelist_branches_are_one_unit_each",
-    "layer_unit_collision": "test_regression_layer_gate_acts_only_on_its_branch",
-    "export_literal_view": "test_regression_exported_literal_head_count",
-    "export_vector_norm": "test_regression[exported_normalize]",
-    "norm_c": "test_regression[norm_positional_p]",
-}
+KNOWN_BUG_TESTS: dict[str, str] = {}  # all fixed; a new bug adds 'construct': 'its regression test'
 KNOWN_BUGS: frozenset[str] = frozenset(KNOWN_BUG_TESTS)
 
 

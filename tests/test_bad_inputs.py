@@ -346,7 +346,6 @@ def test_verify_catches_a_wrong_rule_and_leaves_the_gated_model_alone() -> None:
         assert not torch.allclose(small(X), net(X), atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: EquivalenceError lists the first 6 gated groups, not the one at fault")
 def test_verify_names_the_group_most_likely_responsible() -> None:
     net = _gated_chain_with_wrong_rule()
     with pytest.raises(EquivalenceError, match=r"convs\.8"):
@@ -354,8 +353,6 @@ def test_verify_names_the_group_most_likely_responsible() -> None:
 
 
 # ----------------------------------------------------------------------------- missing typed errors
-@pytest.mark.xfail(strict=True, reason="bug: compact() does not validate rtol (negative -> misleading "
-                                        "EquivalenceError, a string -> raw TypeError after all the work)")
 @pytest.mark.parametrize("rtol", [-1.0, "1e-5"])
 def test_compact_validates_rtol(rtol: Any) -> None:
     net = _gated()

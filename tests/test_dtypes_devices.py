@@ -108,9 +108,6 @@ def test_autocast_training_step_gives_fp32_gate_gradients() -> None:
         assert torch.isfinite(gate.gamma.grad).all()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: compact(verify=True) runs the fp32 example inputs stored at sparsify "
-                                        "time through the model the user has since cast to bf16: raw RuntimeError "
-                                        "(no typed error, no cast)")
 def test_compact_after_casting_the_gated_model() -> None:
     net = _sparsify(Net().eval(), _x())
     net.to(torch.bfloat16)

@@ -1,8 +1,8 @@
 """Regression tests for the bugs the soundness fuzzer found, each minimised to a tiny module.
 
-Every bug test is ``xfail(strict=True)`` with its diagnosis as the reason: when the core is fixed the
-test passes, strict xfail turns that into a failure, and the fix removes the marker together with the
-matching entry of ``tests.fuzz.KNOWN_BUGS`` (so that the fuzzer exercises the construct again).
+Each test reproduces a bug the fuzzer once found (the diagnosis stays next to each case); all are fixed.
+A new bug is added here as ``xfail(strict=True)`` together with an entry of ``tests.fuzz.KNOWN_BUGS``,
+and the fix removes both (so that the fuzzer exercises the construct again).
 ``test_unknown_custom_op_is_never_compacted_through`` is not a bug: it pins down that an op without a
 rule is a wall.
 """
@@ -222,8 +222,7 @@ REGRESSIONS = [
 
 @pytest.mark.parametrize(
     ("factory", "x", "zero"),
-    [pytest.param(f, x, z, id=name, marks=pytest.mark.xfail(strict=True, reason=f"bug: {why}"))
-     for name, f, x, z, why in REGRESSIONS],
+    [pytest.param(f, x, z, id=name) for name, f, x, z, _why in REGRESSIONS],
 )
 def test_regression(factory, x: torch.Tensor, zero: list[int]) -> None:
     assert_sound(factory(), x, zero)
@@ -269,9 +268,6 @@ def _layer_gated(model: nn.Module) -> nn.Module:
                                    example_inputs=(torch.randn(2, 4),))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: analysis/branches._child_on_path takes the ModuleList ('body.blocks') "
-                                        "as the branch, so only blocks.0's last weight is gated and blocks 1-2 "
-                                        "never get a layer unit; compaction then warns it cannot stand in")
 def test_regression_modulelist_branches_are_one_unit_each() -> None:
     net = _layer_gated(TwoStages())
     layer = [g for g in autosparse.gates(net).values() if g.granularity == "layer"]
@@ -283,8 +279,6 @@ def test_regression_modulelist_branches_are_one_unit_each() -> None:
     assert sum(type(m).__name__ == "Mlp" for m in small.modules()) == 1
 
 
-@pytest.mark.xfail(strict=True, reason="bug: explain() lists channel/head groups only; layer gates "
-                                        "('Mlp branches') are missing from its report")
 def test_regression_explain_lists_every_gate() -> None:
     net = _layer_gated(TwoStages())
     shown = {g.name for g in autosparse.explain(net).groups}
@@ -319,10 +313,6 @@ class StemAndResiduals(nn.Module):
         return self.head(self.r2(self.r1(self.proj(torch.relu(self.stem(x))))))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: plan.Plan.site_indices maps unit ids to gates in one dict, but layer "
-                                        "groups number their units 0..n-1, which collide with element class roots "
-                                        "1..n-1 of the first channel group: 'stem' channels read the layer gate "
-                                        "(silent; found by fuzz seed 1706)")
 def test_regression_layer_gate_acts_only_on_its_branch() -> None:
     model, x = StemAndResiduals().eval(), torch.randn(2, 4)
     with warnings.catch_warnings():
@@ -352,10 +342,6 @@ class ExportedLiteralHeads(nn.Module):
         return self.o(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(2, 3, -1))
 
 
-@pytest.mark.xfail(strict=True, reason="bug: ops_tensor.reshape blocks literal sizes only for fx captures; under "
-                                        "torch.export every size is a literal, heads are gated anyway and the "
-                                        "compacted model's view(2, 3, 2, 2) fails unless surgery.fix_attention "
-                                        "knows the attribute names")
 def test_regression_exported_literal_head_count() -> None:
     assert_sound(ExportedLiteralHeads(), SEQ, [0])
 

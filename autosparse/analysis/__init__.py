@@ -15,10 +15,13 @@ ops_tensor.register(DEFAULT_RULES)
 ops_layers.register(DEFAULT_RULES)
 
 
-def analyze(capture: Capture, op_rules: Mapping[RuleKey, Handler] | None = None) -> Analysis:
+def analyze(capture: Capture, op_rules: Registry | Mapping[RuleKey, Handler] | None = None) -> Analysis:
     """Find every group of coupled units in a captured graph (pure: the model is not touched)."""
     start = time.perf_counter()
-    rules = DEFAULT_RULES.extended(op_rules) if op_rules else DEFAULT_RULES
+    if isinstance(op_rules, Registry):
+        rules = op_rules
+    else:
+        rules = DEFAULT_RULES.extended(op_rules) if op_rules else DEFAULT_RULES
     result = build_groups(walk(capture, rules))
     result.seconds = time.perf_counter() - start
     return result

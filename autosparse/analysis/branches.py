@@ -91,6 +91,8 @@ def find_branches(capture: Capture, model: nn.Module) -> list[Branch]:
             if hit is None:
                 continue
             child = _child_on_path(parent, _path(hit[0]) or "")
+            while child is not None and isinstance(modules.get(child), (nn.ModuleList, nn.ModuleDict, nn.Sequential)):
+                child = _child_on_path(child, _path(hit[0]) or "")  # x = x + blocks[i](x): one unit per block
             if child is None or child in found or not _branch_output_is_module(operand, child):
                 continue
             if isinstance(modules.get(child), (nn.Linear, nn.Conv1d, nn.Conv2d)) or child not in modules:

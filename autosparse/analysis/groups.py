@@ -68,7 +68,24 @@ def walk(capture: Capture, rules: Registry) -> State:
             ctx.output(None)
             continue
         handler(ctx)
+        _check_output(ctx)
     return state
+
+
+def _check_output(ctx: OpContext) -> None:
+    """A rule's label must match the tensor it describes; otherwise the rule misread the op."""
+    found = ctx.state.env.get(ctx.node)
+    meta = ctx.node.meta.get("val", ctx.node.meta.get("tensor_meta"))
+    labels = found if isinstance(found, list) else [found]
+    metas = list(meta) if isinstance(meta, (list, tuple)) and not hasattr(meta, "shape") else [meta]
+    for i, label in enumerate(labels):
+        if not isinstance(label, Label):
+            continue
+        shape = getattr(metas[i], "shape", None) if i < len(metas) else None
+        if shape is None or label.dim >= len(shape) or int(shape[label.dim]) != len(label.ids):
+            ctx.block(label, f"{_op_name(ctx.node)} changes the channel dim in a way its rule did not follow")
+            labels[i] = None
+    ctx.state.env[ctx.node] = labels if isinstance(found, list) else labels[0]
 
 
 def _is_pointwise_aten(target) -> bool:

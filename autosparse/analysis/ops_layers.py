@@ -263,7 +263,10 @@ def spatial(ctx: OpContext) -> None:
     """Pooling, upsampling, padding over the trailing spatial dims: channel dim 1 passes."""
     x = ctx.arg(0)
     label = ctx.label(x)
-    if label is not None and label.dim != 1:
+    out = ctx.node.meta.get("val", ctx.node.meta.get("tensor_meta"))
+    out = out[0] if isinstance(out, (list, tuple)) and not hasattr(out, "shape") else out
+    if label is not None and (label.dim != 1 or getattr(out, "shape", [0, -1])[1] != len(label.ids)
+                              or ctx.ndim(x) < 3):  # (B, F) input: torch treats F as the spatial dim
         ctx.block(label, "a spatial op over the channel dim")
         label = None
     if isinstance(ctx.node.meta.get("val"), (tuple, list)):
@@ -349,7 +352,7 @@ def register(rules: Registry) -> None:
     rules.register([F.scaled_dot_product_attention, aten.scaled_dot_product_attention], sdpa)
     rules.register(nn.Embedding, embedding_module)
     rules.register([F.embedding, aten.embedding], embedding_function)
-    rules.register([nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d], batch_norm_module)
+    rules.register([nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm], batch_norm_module)
     rules.register([F.batch_norm, aten.batch_norm, aten._native_batch_norm_legit_no_training,
                     aten._native_batch_norm_legit_functional, aten.native_batch_norm],
                    batch_norm_function)

@@ -31,7 +31,12 @@ def pointwise(ctx: OpContext) -> None:
     if out_shape is None:
         ctx.block_inputs("a non-tensor result")
         return ctx.output(None)
-    labels = [lab for lab in (_align(ctx, n, len(out_shape)) for n in inputs) if lab is not None]
+    labels = []
+    for lab in (_align(ctx, n, len(out_shape)) for n in inputs):
+        if lab is not None and len(lab.ids) != out_shape[lab.dim]:  # one channel broadcast over many
+            ctx.block(lab, "a single channel broadcast over a channel dim")
+        elif lab is not None:
+            labels.append(lab)
     if not labels:
         return ctx.output(None)
     if len({lab.dim for lab in labels}) > 1:
@@ -68,23 +73,36 @@ def _shape_args(ctx: OpContext) -> list:
 
 
 def reshape(ctx: OpContext) -> None:
-    """view/reshape/flatten/unsqueeze/...: follow positions; a split fuses the inner factors."""
+    """view/reshape/flatten/unsqueeze/...: follow positions; a split fuses the inner factors.
+
+    A size written as a literal in the code stays that literal after compaction, so a literal on
+    the labelled output dim is only safe when compaction rewrites it (a head-count or width
+    attribute of the module). Under torch.export every size is a literal, so there only the cases
+    that would go wrong *silently* are refused: a literal group count in a split, and a literal
+    channel count in a merge whose other sizes include -1 (``view(-1, C*H*W)``).
+    """
     x, out_shape = ctx.arg(0), ctx.shape()
     label = ctx.label(x)
     if label is None or out_shape is None:
         return ctx.output(None)
     new, split = reshape_label(ctx.elements, label, ctx.shape(x), out_shape, f"reshape at {ctx.where}")
-    if split and new is not None:
-        sizes = _shape_args(ctx) if ctx.node.target in _SIZED else []
-        fixed = len(sizes) == len(out_shape) and isinstance(sizes[new.dim], int) and sizes[new.dim] != -1
-        if fixed and ctx.state.capture.kind == "fx" and not _rewritable_head_count(ctx, sizes[new.dim]):
-            ctx.block(new, f"a reshape that hard-codes the group count {sizes[new.dim]} (channel shuffle?)")
+    if new is None:
+        return ctx.output(None)
+    sizes = _shape_args(ctx) if ctx.node.target in _SIZED else []
+    literal = len(sizes) == len(out_shape) and isinstance(sizes[new.dim], int) and sizes[new.dim] != -1
+    if literal and not _rewritable_size(ctx, sizes[new.dim]):
+        exported = ctx.state.capture.kind == "export"
+        kept_whole = not split and np.array_equal(new.ids, label.ids)  # view(-1, C): C maps 1:1
+        if split or not exported or (-1 in sizes and not kept_whole):
+            ctx.block(new, f"a reshape that hard-codes the size {sizes[new.dim]} of the channel dim")
+            return ctx.output(None)
+    if split:
         ctx.state.head_elements.update(int(i) for i in new.ids)
     ctx.output(new)
 
 
-def _rewritable_head_count(ctx: OpContext, count: int) -> bool:
-    """A hard-coded head count is fine when it is an attribute compaction rewrites (``self.heads``)."""
+def _rewritable_size(ctx: OpContext, count: int) -> bool:
+    """A literal size is fine when it is an attribute compaction rewrites (``self.heads``)."""
     from autosparse.surgery import head_count_attribute
 
     stack = ctx.node.meta.get("nn_module_stack") or {}
@@ -140,6 +158,9 @@ def permute(ctx: OpContext) -> None:
 
 def cat(ctx: OpContext) -> None:
     """Concatenation: along the channel dim ids are laid end to end; elsewhere inputs unite."""
+    if not isinstance(ctx.arg(0), (list, tuple)):  # e.g. cat(parts[::-1]): the list is a graph value
+        ctx.block_inputs("a concat of a computed sequence")
+        return ctx.output(None)
     tensors = list(ctx.arg(0))
     out_shape = ctx.shape()
     dim = int(ctx.arg(1, "dim", 0)) % len(out_shape)
@@ -196,10 +217,17 @@ def split(ctx: OpContext) -> None:
     if len(set(sizes)) != 1:
         ctx.block(label, "a split into unequal parts along the channel dim")
         return ctx.output([None] * len(sizes))
+    literal = ctx.node.target in _SIZE_SPLITS and isinstance(ctx.arg(1), (int, list, tuple))
+    if literal and ctx.state.capture.kind == "fx" and not _rewritable_size(ctx, sizes[0]):
+        ctx.block(label, f"a split that hard-codes the part size {sizes[0]} (use chunk)")
+        return ctx.output([None] * len(sizes))
     parts = label.ids.reshape(len(sizes), sizes[0])
     for part in parts[1:]:
         ctx.elements.union_arrays(parts[0], part)
     ctx.output([Label(dim, part.copy()) for part in parts])
+
+
+_SIZE_SPLITS = {"split", torch.split}
 
 
 def _split_dim(ctx: OpContext, ndim: int) -> int:
@@ -273,11 +301,14 @@ def select(ctx: OpContext) -> None:
 
 def reduction(ctx: OpContext) -> None:
     """sum/mean/amax/var/...: reducing over channels makes them unprunable; others shift."""
+    _reduce(ctx, ctx.arg(1, "dim", None))
+
+
+def _reduce(ctx: OpContext, dims) -> None:
     x = ctx.arg(0)
     label, ndim = ctx.label(x), ctx.ndim(x)
     if label is None:
         return ctx.output(None)
-    dims = ctx.arg(1, "dim", None)
     dims = list(range(ndim)) if dims is None or dims == [] else [dims] if isinstance(dims, int) else list(dims)
     dims = sorted(int(d) % ndim for d in dims)
     if label.dim in dims:
@@ -285,6 +316,11 @@ def reduction(ctx: OpContext) -> None:
         return ctx.output(None)
     keep = ctx.ndim() == ndim
     ctx.output(label if keep else label.moved(label.dim - sum(d < label.dim for d in dims)))
+
+
+def norm(ctx: OpContext) -> None:
+    """``x.norm(p, dim, keepdim)`` / ``linalg_vector_norm(x, ord, dim, keepdim)``: dim is argument 2."""
+    _reduce(ctx, ctx.arg(2, "dim", None))
 
 
 def along_dim(ctx: OpContext) -> None:
@@ -396,10 +432,11 @@ def register(rules: Registry) -> None:
     rules.register(operator.getitem, getitem)
     rules.register([aten.slice, aten.narrow, "narrow", torch.narrow], slice_op)
     rules.register([aten.select, "select", torch.select], select)
-    rules.register(["sum", "mean", "amax", "amin", "var", "std", "prod", "norm", "logsumexp",
+    rules.register(["norm", torch.norm, aten.norm, aten.linalg_vector_norm], norm)
+    rules.register(["sum", "mean", "amax", "amin", "var", "std", "prod", "logsumexp",
                     torch.sum, torch.mean, torch.amax, torch.amin, torch.var, torch.std,
                     aten.sum, aten.mean, aten.amax, aten.amin, aten.var, aten.std, aten.prod,
-                    aten.logsumexp, aten.linalg_vector_norm], reduction)
+                    aten.logsumexp], reduction)
     rules.register(["softmax", "log_softmax", "cumsum", torch.softmax, torch.log_softmax, F.softmax,
                     F.log_softmax, torch.cumsum, aten._softmax, aten.softmax, aten._log_softmax,
                     aten.log_softmax, aten.cumsum], along_dim)
