@@ -36,7 +36,7 @@ def _kept_indices(gg, gate) -> set[int]:
     with torch.no_grad():
         values = gate.values().detach().cpu()
     n = len(gg.units)
-    keep = {i for i in range(n) if values[i] != 0}
+    keep = set(torch.nonzero(values).flatten().tolist())
     keep_n = gg.rule.round_keep(max(len(keep), gg.rule.resolve_min_keep(n)), n)
     for i in torch.argsort(gate.gamma.detach().float().cpu(), descending=True).tolist():
         if len(keep) >= keep_n:
@@ -127,9 +127,12 @@ def _apply(model: nn.Module, state: SparsityState, removed: set[int]) -> Record:
     for m in state.plan.analysis.members:
         by_tensor.setdefault((m.name, m.dim), m.ids)
     removed_arr = np.fromiter(removed, dtype=np.int64, count=len(removed))
+    size = max([int(ids.max()) for ids in by_tensor.values() if len(ids)] + [int(removed_arr.max(initial=0))]) + 1
+    is_removed = np.zeros(size, dtype=bool)  # one mask: np.isin per tensor re-sorts the removed set
+    is_removed[removed_arr] = True
     record = Record()
     for (name, dim), ids in by_tensor.items():
-        keep = np.flatnonzero(~np.isin(ids, removed_arr))
+        keep = np.flatnonzero(~is_removed[ids])
         if len(keep) < len(ids):
             record.kept.setdefault(name, {})[str(dim)] = keep.tolist()
     # The base model is only known here (later steps rewrite the config): save() stores its shapes'

@@ -30,7 +30,7 @@ def slice_tensor(model: nn.Module, name: str, dim: int, keep: torch.Tensor) -> N
     owner_name, _, attr = name.rpartition(".")
     owner = model.get_submodule(owner_name)
     old = getattr(owner, attr)
-    new = old.detach().index_select(dim, keep.to(old.device)).clone()
+    new = old.detach().index_select(dim, keep.to(old.device))  # index_select already copies
     if isinstance(old, nn.Parameter):
         setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
     else:

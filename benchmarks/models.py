@@ -10,17 +10,28 @@ MobileNetV2 (Sandler et al. 2018).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 RESNET50_DEPTHS = (3, 4, 6, 3)
-MOBILENET_V2_SETTINGS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
-                         (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))  # (expand, out, repeats, stride)
+MOBILENET_V2_SETTINGS = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)  # (expand, out, repeats, stride)
 
 
 def conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act: bool = True) -> nn.Sequential:
-    layers: list[nn.Module] = [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
-                               nn.BatchNorm2d(cout)]
+    layers: list[nn.Module] = [
+        nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+    ]
     if act:
         layers.append(nn.ReLU(inplace=True))
     return nn.Sequential(*layers)
@@ -52,8 +63,9 @@ class ResNet(nn.Module):
         num_classes: classifier outputs.
     """
 
-    def __init__(self, stem: int, blocks: list[list[tuple[int, int]]], outs: list[int],
-                 num_classes: int = 1000) -> None:
+    def __init__(
+        self, stem: int, blocks: list[list[tuple[int, int]]], outs: list[int], num_classes: int = 1000
+    ) -> None:
         super().__init__()
         self.stem = conv_bn(3, stem, 7, 2)
         self.pool = nn.MaxPool2d(3, 2, 1)
@@ -83,8 +95,12 @@ def resnet_widths(model: ResNet) -> dict:
     """The constructor arguments that rebuild ``model``'s shapes (e.g. after compaction)."""
     blocks = [[(b.conv1[0].out_channels, b.conv2[0].out_channels) for b in stage] for stage in model.layers]
     outs = [stage[0].conv3[0].out_channels for stage in model.layers]
-    return {"stem": model.stem[0].out_channels, "blocks": blocks, "outs": outs,
-            "num_classes": model.head[2].out_features}
+    return {
+        "stem": model.stem[0].out_channels,
+        "blocks": blocks,
+        "outs": outs,
+        "num_classes": model.head[2].out_features,
+    }
 
 
 class InvertedResidual(nn.Module):
@@ -115,8 +131,14 @@ class MobileNetV2(nn.Module):
         last: width of the final 1x1 conv.
     """
 
-    def __init__(self, stem: int, blocks: list[tuple[int, int, int, bool]], residual: list[bool],
-                 last: int, num_classes: int = 1000) -> None:
+    def __init__(
+        self,
+        stem: int,
+        blocks: list[tuple[int, int, int, bool]],
+        residual: list[bool],
+        last: int,
+        num_classes: int = 1000,
+    ) -> None:
         super().__init__()
         self.stem = conv_bn(3, stem, 3, 2)
         layers, cin = [], stem
@@ -146,8 +168,88 @@ def mobilenet_v2(width: float = 1.0, repeats: float = 1.0, num_classes: int = 10
 
 
 def mobilenet_widths(model: MobileNetV2) -> dict:
-    blocks = [(b.dw[0].out_channels, b.project[0].out_channels, b.dw[0].stride[0], b.expand is not None)
-              for b in model.blocks]
-    return {"stem": model.stem[0].out_channels, "blocks": blocks,
-            "residual": [b.residual for b in model.blocks], "last": model.last[0].out_channels,
-            "num_classes": model.head[2].out_features}
+    blocks = [
+        (b.dw[0].out_channels, b.project[0].out_channels, b.dw[0].stride[0], b.expand is not None)
+        for b in model.blocks
+    ]
+    return {
+        "stem": model.stem[0].out_channels,
+        "blocks": blocks,
+        "residual": [b.residual for b in model.blocks],
+        "last": model.last[0].out_channels,
+        "num_classes": model.head[2].out_features,
+    }
+
+
+# ---------------------------------------------------------------- hand-built twins
+def hand_built(dense: nn.Module, compacted: nn.Module) -> nn.Module:
+    """The same architecture built directly with ``compacted``'s widths (the latency limit)."""
+    from benchmarks.common import bn_stats, hf_model
+
+    if isinstance(compacted, ResNet):
+        return bn_stats(ResNet(**resnet_widths(compacted)))
+    if isinstance(compacted, MobileNetV2):
+        return bn_stats(MobileNetV2(**mobilenet_widths(compacted)))
+    cls = type(compacted).__name__
+    if cls == "LlamaForCausalLM":
+        return hf_model(cls, _llama_config(compacted))
+    if cls == "BertModel":
+        return _bert_twin(dense, compacted)
+    raise ValueError(f"no hand-built twin for {cls}")
+
+
+def _uniform(values: list[int], what: str) -> int:
+    if len(set(values)) != 1:
+        raise ValueError(f"{what} differs between layers ({sorted(set(values))}); no config expresses that")
+    return values[0]
+
+
+def _llama_config(model: nn.Module) -> dict[str, Any]:
+    cfg = model.config.to_dict()
+    layers = model.model.layers
+    head_dim = layers[0].self_attn.head_dim
+    cfg.update(
+        num_attention_heads=_uniform(
+            [layer.self_attn.q_proj.out_features // head_dim for layer in layers], "heads"
+        ),
+        num_key_value_heads=_uniform(
+            [layer.self_attn.k_proj.out_features // head_dim for layer in layers], "kv heads"
+        ),
+        intermediate_size=_uniform(
+            [layer.mlp.gate_proj.out_features for layer in layers], "intermediate size"
+        ),
+        head_dim=head_dim,
+    )
+    return {
+        k: cfg[k]
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "intermediate_size",
+        )
+    }
+
+
+def _bert_twin(dense: nn.Module, model: nn.Module) -> nn.Module:
+    """BertConfig cannot express ``heads * head_size != hidden``: build from the dense config with the
+    compacted intermediate size, then give each attention fresh Linear layers of the kept heads."""
+    from benchmarks.common import BERT_BASE, fast_init_, hf_model
+
+    cfg = {k: getattr(dense.config, k) for k in BERT_BASE}
+    layers = model.encoder.layer
+    cfg["intermediate_size"] = _uniform(
+        [layer.intermediate.dense.out_features for layer in layers], "intermediate"
+    )
+    twin = hf_model("BertModel", cfg)
+    for mine, theirs in zip(twin.encoder.layer, layers):
+        att, ref = mine.attention.self, theirs.attention.self
+        width = ref.query.out_features
+        for attr in ("query", "key", "value"):
+            setattr(att, attr, nn.Linear(model.config.hidden_size, width))
+        mine.attention.output.dense = nn.Linear(width, model.config.hidden_size)
+        att.num_attention_heads, att.all_head_size = width // att.attention_head_size, width
+    return fast_init_(twin, seed=1).eval()

@@ -1,0 +1,99 @@
+"""The benchmark scripts still run: each ``main(["--smoke"])`` on tiny models, JSON with the expected keys.
+
+The numbers of a smoke run mean nothing (tiny models on a busy machine); only their presence, sign and the
+file layout are checked. The real runs are ``python -m benchmarks.<script>`` (see benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+STAMP_KEYS = {"autosparse", "torch", "git_commit", "threads", "date"}
+
+
+@pytest.fixture(scope="module")
+def out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One results folder for the module, so the report test renders what the others wrote."""
+    return tmp_path_factory.mktemp("benchmarks")
+
+
+def _load(out: Path, name: str) -> dict:
+    data = json.loads((out / f"{name}.json").read_text())
+    assert data["smoke"] is True
+    assert STAMP_KEYS <= set(data["stamp"])
+    assert data["stamp"]["git_commit"]
+    return data
+
+
+def test_latency_smoke(out: Path) -> None:
+    from benchmarks import bench_latency
+
+    bench_latency.main(["--smoke", "--out", str(out)])
+    data = _load(out, "latency")
+    assert set(data["models"]) == set(bench_latency.MODELS)
+    for m in data["models"].values():
+        for batch, timed in m["latency"].items():
+            assert {"dense", "50%/r1", "50%/hand", "50%/r8"} <= set(timed)
+            assert all(t["ms"] > 0 and t["wall_min_ms"] > 0 for t in timed.values())
+            for row in m["ratios"][batch].values():
+                assert row["speedup"] > 0 and row["flops_reduction"] > 1
+            assert m["ratios"][batch]["50%/r1"]["compacted_over_hand"] > 0
+        assert all(0 < v["flops_frac"] < 1 for v in m["variants"].values())
+
+
+def test_gate_overhead_smoke(out: Path) -> None:
+    from benchmarks import bench_gate_overhead
+
+    bench_gate_overhead.main(["--smoke", "--out", str(out)])
+    data = _load(out, "gate_overhead")
+    assert set(data["models"]) == set(bench_gate_overhead.MODELS)
+    for m in data["models"].values():
+        assert m["gates"] > 0 and m["sites"] >= m["gates"]
+        assert m["step_ms"]["gated"]["ms"] > 0 and m["step_ms"]["ungated"]["ms"] > 0
+        assert m["overhead"] > 0
+
+
+def test_surgery_smoke(out: Path) -> None:
+    from benchmarks import bench_surgery
+
+    bench_surgery.main(["--smoke", "--out", str(out)])
+    data = _load(out, "surgery")
+    assert set(data["families"]) == {"resnet", "bert", "llama"}
+    for family in data["families"].values():
+        for row in family["rows"]:
+            ours = row["autosparse"]
+            assert ours["status"] == "ok", ours
+            assert ours["nodes"] > 0 and ours["total_s"] > 0 and ours["gates"] > 0
+            assert ours["compact_s"] > 0 and ours["peak_rss_mb"] > 0
+        assert "slope_total_s" in family["scaling"]
+    tp = data["families"]["resnet"]["rows"][0]["torch_pruning"]  # the one fresh-process run of the smoke
+    assert tp["status"] in {"ok", "error", "timeout"}
+    if tp["status"] == "ok":
+        assert tp["total_s"] > 0
+
+
+def test_memory_smoke(out: Path) -> None:
+    from benchmarks import bench_memory
+
+    bench_memory.main(["--smoke", "--out", str(out)])
+    data = _load(out, "memory")
+    for model in data["models"].values():
+        for key in ("copy", "inplace"):
+            row = model[key]
+            assert row["status"] == "ok"
+            assert row["model_mb"] > row["compacted_mb"] > 0
+            assert row["peak_rss_mb"] > 0 and row["compact_s"] >= 0
+
+
+def test_report_renders(out: Path, tmp_path: Path) -> None:
+    from benchmarks import report
+
+    assert report.render(tmp_path).count("no results yet") == len(report.RENDER)
+    text = report.render(out)  # whatever the tests above wrote renders as tables
+    for name in report.RENDER:
+        assert (out / f"{name}.json").exists() == (f"bench_{name}`" not in text)
