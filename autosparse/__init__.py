@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+from autosparse import training
 from autosparse.api import compact, gates, penalty, sparsify
 from autosparse.errors import (
     AlreadySparsifiedError,
@@ -26,6 +27,7 @@ from autosparse.errors import (
 from autosparse.explain import explain
 from autosparse.exporter import export
 from autosparse.gates import Gate
+from autosparse.hard_concrete import HardConcreteGate
 from autosparse.io import load, load_gated_state, save
 from autosparse.logger import GateLogger
 from autosparse.policy import Policy, load_policy
@@ -43,6 +45,7 @@ __all__ = [
     "ExportError",
     "Gate",
     "GateLogger",
+    "HardConcreteGate",
     "NoGatesError",
     "NotSparsifiedError",
     "PlanMismatchError",
@@ -59,4 +62,5 @@ __all__ = [
     "report",
     "save",
     "sparsify",
+    "training",
 ]

@@ -17,6 +17,7 @@ from autosparse.capture import capture
 from autosparse.compaction import compact_model
 from autosparse.errors import AlreadySparsifiedError, ExampleInputsError
 from autosparse.gates import Gate, GateSite
+from autosparse.hard_concrete import HardConcreteGate
 from autosparse.plan import Plan, make_plan
 from autosparse.policy import Policy, load_policy
 from autosparse.state import STATE_ATTR, SparsityState, get_state, is_sparsified
@@ -86,8 +87,9 @@ def _attach(model: nn.Module, plan: Plan, policy: Policy) -> list[Gate]:
     appears once in ``state_dict`` and containers such as ``nn.Sequential`` stay untouched.
     """
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    gate_cls = HardConcreteGate if policy.gate.kind == "hard_concrete" else Gate
     gate_list = [
-        Gate(gg.name, gg.group.granularity, len(gg.units), tau=policy.gate.tau,
+        gate_cls(gg.name, gg.group.granularity, len(gg.units), tau=policy.gate.tau,
              modules=gg.group.producers, penalty_weight=gg.rule.penalty_weight).to(device)
         for gg in plan.gated
     ]

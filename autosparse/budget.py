@@ -9,17 +9,19 @@ without compacting anything. It is built once per model from one counted forward
 * the FLOPs a module performs *itself* (``flops_by_module`` minus its children's) scale like the
   number of elements of its weight, ``prod_d f_d`` over the weight's sliced dims. That is exact for
   convolutions (grouped and depthwise included) and linear layers, whose FLOPs are
-  ``2 * weight.numel() * output positions``. FLOPs of a module without a sliced weight (e.g. the
-  attention product of a custom attention module) count as fixed, so the estimate errs high there.
+  ``2 * weight.numel() * output positions``. A module without a sliced weight of its own (the
+  ``softmax(q k^T) v`` of an attention module) scales with the kept outputs of its children (heads).
+* a residual branch that a layer gate removes takes all its modules' FLOPs and parameters with it.
 
 With ``u`` the 0/1 vector of kept units, the cost is a multilinear polynomial in ``u``; its gradient
 ``d cost / d u_i`` is the cost of unit ``i`` given everything else (used for cost weighting).
 
-The **controller** (see docs/method.md, "Budget controller") adapts lambda in log space::
+The **controller** (docs/method.md, section 4) adapts lambda in log space (dual ascent)::
 
-    r(t)   = B + (1 - B) * (1 - clip((t - W) / (R - W), 0, 1)) ** 3    # reference: 1 at W, B at R
-    e(t)   = c(t) - r(t)                                               # c: cost fraction now
-    I     <- clip(I + k_i * e(t), -I_max, I_max)                       # integral (dual ascent)
+    r(t)   = B + (1 - B) * (1 - a(t)) ** 3,  a(t) = clip((t - W) / (R - W), 0, 1)   # reference
+    c(t)   = a(t) * cost_hard + (1 - a(t)) * cost_soft                            # tracked signal
+    e(t)   = log(c(t) / r(t))
+    I     <- clip(I + k_i * e(t), -I_max, I_max)                                  # integral
     lambda = lambda_policy * exp(I + k_p * e(t))
 
 W is the end of the warm-up and R the end of the ramp (75 % of the way from W to the freeze
@@ -36,18 +38,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from autosparse.compaction import removed_units
 from autosparse.errors import PolicyError
 from autosparse.measure import flops_by_module
 from autosparse.state import SparsityState
 
+SOFT_THRESHOLD = 0.5  # a unit counts as fully kept by the controller's signal above this gate value
+
 
 @dataclass
 class _Term:
-    """``cost * prod_d mean(u_ext[index_d])``: one tensor's (or one module's) share of the cost."""
+    """``cost * prod_d mean(u[index_d]) * prod_b u[b]``: one tensor's (or module's) share of the cost."""
 
     cost: float
-    indices: list[torch.Tensor]  # per sliced dim: position -> flat unit index (n_units = always kept)
+    indices: list[torch.Tensor]  # per sliced dim: position -> flat unit index (n_units: always kept)
+    branches: list[int] = field(default_factory=list)  # flat indices of residual branches containing it
 
 
 @dataclass
@@ -64,7 +68,6 @@ class CostModel:
     dense: float
     terms: list[_Term]
     offsets: list[int]
-    roots: dict[int, int] = field(default_factory=dict)  # class root -> flat unit index
 
     @property
     def n_units(self) -> int:
@@ -73,11 +76,13 @@ class CostModel:
     def cost(self, kept: torch.Tensor) -> torch.Tensor:
         """Cost for a kept vector (0/1 or fractional, differentiable) of length ``n_units``."""
         ext = torch.cat([kept.double(), kept.new_ones(1, dtype=torch.float64)])
-        total = kept.new_zeros((), dtype=torch.float64)
+        total = ext.new_zeros(())
         for term in self.terms:
             scale = ext.new_ones(())
             for index in term.indices:
                 scale = scale * ext[index].mean()
+            for b in term.branches:
+                scale = scale * ext[b]
             total = total + term.cost * scale
         return total
 
@@ -92,13 +97,29 @@ class CostModel:
         return grad.detach()
 
     def kept_now(self, state: SparsityState) -> torch.Tensor:
-        """The kept vector ``compact`` would use now (gate zeros, then min_keep and round_to)."""
-        removed, _ = removed_units(state)
-        kept = torch.ones(self.n_units, dtype=torch.float64)
-        gone = [self.roots[r] for r in removed if r in self.roots]
-        if gone:
-            kept[torch.as_tensor(gone)] = 0.0
-        return kept
+        """The 0/1 kept vector ``compact`` would use now: non-zero gates, topped up to each rule's
+        ``min_keep`` and ``round_to`` with the zero-gated units of largest ``gamma`` (as compaction does)."""
+        parts = []
+        for gg, gate in zip(state.plan.gated, state.gate_list()):
+            with torch.no_grad():
+                kept = (gate.values().detach() != 0).cpu()
+                n = len(gg.units)
+                need = gg.rule.round_keep(max(int(kept.sum()), gg.rule.resolve_min_keep(n)), n) - int(
+                    kept.sum()
+                )
+                if need > 0:
+                    order = torch.argsort(
+                        gate.gamma.detach().float().cpu().masked_fill(kept, float("-inf")), descending=True
+                    )
+                    kept[order[:need]] = True
+            parts.append(kept.double())
+        return torch.cat(parts)
+
+    def soft_kept(self, state: SparsityState) -> torch.Tensor:
+        """``min(1, value / SOFT_THRESHOLD)`` per unit: falls as units head for zero, before they reach it."""
+        with torch.no_grad():
+            values = [gate.values().detach().double().cpu() for gate in state.gate_list()]
+        return (torch.cat(values) / SOFT_THRESHOLD).clamp(max=1.0)
 
     def smallest(self, state: SparsityState) -> torch.Tensor:
         """The kept vector with every group at its rule's floor (min_keep, rounded up by round_to)."""
@@ -117,20 +138,42 @@ def build_cost_model(model: nn.Module, state: SparsityState, metric: str) -> Cos
         state: Its :class:`~autosparse.state.SparsityState`.
         metric: ``"flops"`` (one counted forward pass on the stored example inputs) or ``"params"``.
     """
-    offsets = [0]
-    roots: dict[int, int] = {}
+    offsets, roots, branches = [0], {}, {}
     for gg in state.plan.gated:
-        for j, root in enumerate(gg.units):
-            roots[int(root)] = offsets[-1] + j
+        for j, unit in enumerate(gg.units):
+            if gg.branches:  # layer granularity: a unit is a whole residual branch (a module)
+                branches[gg.branches[j].module] = offsets[-1] + j
+            else:
+                roots[int(unit)] = offsets[-1] + j
         offsets.append(offsets[-1] + len(gg.units))
     sliced = _sliced_dims(state, roots, offsets[-1])
+    gammas = {id(g.gamma) for g in state.gate_list()}
     if metric == "flops":
         flops = flops_by_module(model, state.example_inputs, state.example_kwargs)
-        terms = [_flops_term(name, f, sliced) for name, f in _exclusive(flops).items() if f]
+        terms = [
+            _flops_term(name, f, sliced, _containing(name, branches))
+            for name, f in _exclusive(flops).items()
+            if f
+        ]
     else:
-        gammas = {id(g.gamma) for g in state.gate_list()}
-        terms = [_param_term(name, p.numel(), sliced) for name, p in model.named_parameters() if id(p) not in gammas]
-    return CostModel(metric, sum(t.cost for t in terms), terms, offsets, roots)
+        plain = [
+            (_plain_name(name), p.numel()) for name, p in model.named_parameters() if id(p) not in gammas
+        ]
+        terms = [
+            _Term(
+                float(numel),
+                [s.index for s in sliced.get(name, {}).values()],
+                _containing(name.rpartition(".")[0], branches),
+            )
+            for name, numel in plain
+        ]
+    return CostModel(metric, sum(t.cost for t in terms), terms, offsets)
+
+
+@dataclass
+class _Slice:
+    index: torch.Tensor
+    role: str
 
 
 def _sliced_dims(state: SparsityState, roots: dict[int, int], n: int) -> dict[str, dict[int, _Slice]]:
@@ -145,28 +188,28 @@ def _sliced_dims(state: SparsityState, roots: dict[int, int], n: int) -> dict[st
     return out
 
 
-@dataclass
-class _Slice:
-    index: torch.Tensor
-    role: str
-
-
-def _param_term(name: str, numel: int, sliced: dict[str, dict[int, _Slice]]) -> _Term:
-    return _Term(float(numel), [s.index for s in sliced.get(_plain_name(name), {}).values()])
-
-
-def _flops_term(module: str, flops: int, sliced: dict[str, dict[int, _Slice]]) -> _Term:
+def _flops_term(module: str, flops: int, sliced: dict[str, dict[int, _Slice]], branches: list[int]) -> _Term:
     """FLOPs scale with the module's sliced weight; else with its children's kept outputs (attention)."""
     prefix = f"{module}." if module else ""
-    own = {name[len(prefix):]: dims for name, dims in sliced.items()
-           if name.startswith(prefix) and "." not in name[len(prefix):]}
+    own = {
+        name[len(prefix) :]: dims
+        for name, dims in sliced.items()
+        if name.startswith(prefix) and "." not in name[len(prefix) :]
+    }
     if own:
-        dims = own.get("weight") or max(own.values(), key=lambda d: math.prod(len(s.index) for s in d.values()))
-        return _Term(float(flops), [s.index for s in dims.values()])
+        dims = own.get("weight") or max(
+            own.values(), key=lambda d: math.prod(len(s.index) for s in d.values())
+        )
+        return _Term(float(flops), [s.index for s in dims.values()], branches)
     # e.g. softmax(q k^T) v inside an attention module: proportional to the heads its q/k/v keep
-    outputs = [s.index for name, dims in sliced.items() if name.startswith(prefix) and
-               name[len(prefix):].count(".") == 1 for s in dims.values() if s.role == "producer"]
-    return _Term(float(flops), [torch.cat(outputs)] if outputs else [])
+    outputs = [
+        s.index
+        for name, dims in sliced.items()
+        if name.startswith(prefix) and name[len(prefix) :].count(".") == 1
+        for s in dims.values()
+        if s.role == "producer"
+    ]
+    return _Term(float(flops), [torch.cat(outputs)] if outputs else [], branches)
 
 
 def _plain_name(name: str) -> str:
@@ -186,6 +229,11 @@ def _exclusive(inclusive: dict[str, int]) -> dict[str, int]:
     return out
 
 
+def _containing(module: str, branches: dict[str, int]) -> list[int]:
+    """Flat indices of the residual branches whose module is ``module`` or one of its parents."""
+    return [i for name, i in branches.items() if module == name or module.startswith(name + ".")]
+
+
 # ----------------------------------------------------------------------------- the controller
 
 
@@ -197,19 +245,18 @@ class Controller:
         target: The budget ``B`` as a fraction of the dense cost.
         start: ``W``, the step the ramp starts (end of the lambda warm-up).
         ramp_end: ``R``, the step the reference reaches ``B``.
-        k_i, k_p: Integral and proportional gains on the cost-fraction error.
+        k_i, k_p: Integral and proportional gains on the error ``log(cost / reference)``.
         log_scale: The integral ``I``; lambda is multiplied by ``exp(I + k_p * e)``.
     """
 
     target: float
     start: int
     ramp_end: int
-    k_i: float = 0.02
-    k_p: float = 2.0
+    k_i: float = 0.05
+    k_p: float = 8.0
     max_log_scale: float = 12.0
     log_scale: float = 0.0
     error: float = 0.0
-    history: list[tuple[int, float, float]] = field(default_factory=list)  # (step, cost, lambda scale)
 
     def reference(self, step: int) -> float:
         """``r(t)``: 1 until ``W``, then a cubic descent to ``B`` at ``R`` (gradual pruning)."""
@@ -217,13 +264,24 @@ class Controller:
         progress = min(1.0, max(0.0, (step - self.start) / span))
         return self.target + (1.0 - self.target) * (1.0 - progress) ** 3
 
+    def signal(self, step: int, hard: float, soft: float) -> float:
+        """What the controller tracks: the soft cost early in the ramp, the hard cost at its end.
+
+        The soft cost falls as soon as units head for zero, so lambda stops rising before a burst of
+        units closes (the hard cost lags the gates by the tens of steps a closing unit takes).
+        Near the end the hard cost takes over, so lingering half-closed units are pushed to a decision.
+        """
+        blend = min(1.0, max(0.0, (step - self.start) / max(1, self.ramp_end - self.start)))
+        return blend * hard + (1.0 - blend) * soft
+
     def update(self, step: int, cost: float) -> float:
         """Feed the cost fraction measured after ``step``; returns the new lambda multiplier."""
         if step < self.start:
             return self.scale
-        self.error = cost - self.reference(step)
-        self.log_scale = min(self.max_log_scale, max(-self.max_log_scale, self.log_scale + self.k_i * self.error))
-        self.history.append((step, cost, self.scale))
+        self.error = math.log(max(cost, 1e-6) / self.reference(step))
+        self.log_scale = min(
+            self.max_log_scale, max(-self.max_log_scale, self.log_scale + self.k_i * self.error)
+        )
         return self.scale
 
     @property
@@ -238,7 +296,9 @@ def ramp_end(warmup: int, freeze: int | None) -> int:
     return max(2 * warmup, warmup + 500)
 
 
-def check_reachable(cost: CostModel, state: SparsityState, key: str, target: float, tolerance: float) -> float:
+def check_reachable(
+    cost: CostModel, state: SparsityState, key: str, target: float, tolerance: float
+) -> float:
     """Raise :class:`PolicyError` naming ``key`` if even the smallest allowed model is over budget."""
     floor = cost.fraction(cost.smallest(state))
     if floor > target + tolerance:

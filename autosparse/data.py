@@ -62,8 +62,9 @@ def _digits(test_size: float, seed: int) -> Dataset:
 
     bunch = sk_load_digits()
     x = (bunch.images / 16.0).astype(np.float32)[:, None]
-    xtr, xte, ytr, yte = train_test_split(x, bunch.target, test_size=test_size, random_state=seed,
-                                          stratify=bunch.target)
+    xtr, xte, ytr, yte = train_test_split(
+        x, bunch.target, test_size=test_size, random_state=seed, stratify=bunch.target
+    )
     return Dataset("digits", *_tensors(xtr, ytr, xte, yte), num_classes=10)
 
 
@@ -86,8 +87,12 @@ def load_mnist1d() -> Dataset:
 
 
 def _tensors(xtr, ytr, xte, yte) -> tuple[torch.Tensor, ...]:
-    return (torch.from_numpy(np.ascontiguousarray(xtr)), torch.as_tensor(ytr, dtype=torch.long),
-            torch.from_numpy(np.ascontiguousarray(xte)), torch.as_tensor(yte, dtype=torch.long))
+    return (
+        torch.from_numpy(np.ascontiguousarray(xtr)),
+        torch.as_tensor(ytr, dtype=torch.long),
+        torch.from_numpy(np.ascontiguousarray(xte)),
+        torch.as_tensor(yte, dtype=torch.long),
+    )
 
 
 def load(name: str) -> Dataset:

@@ -26,6 +26,7 @@ class SparsityState:
     example_kwargs: dict[str, Any] = field(default_factory=dict)
     gates: list[Gate] = field(default_factory=list)  # owned by the parametrizations, in plan order
     step: int = 0
+    training: Any = None  # autosparse.training's schedule/controller state, created on first use
 
     def gate_list(self) -> list[Gate]:
         return self.gates

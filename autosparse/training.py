@@ -20,17 +20,21 @@ Example:
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from autosparse.budget import Controller, CostModel, build_cost_model, check_reachable, enforce, ramp_end
 from autosparse.errors import warn
+from autosparse.gates import GateSite
 from autosparse.policy import Schedule
-from autosparse.state import SparsityState, get_state
+from autosparse.state import SparsityState, get_state, is_sparsified
 
 _ATTR = "training"  # attribute of SparsityState holding the TrainingState
 
@@ -45,8 +49,14 @@ class TrainingState:
     frozen: bool = False
     snapshot: list[torch.Tensor] = field(default_factory=list)
     hooked: bool = False  # penalty gradient added by hooks
+    attachment: Attachment | None = None
     warned_twice: bool = False
-    history: list[dict[str, float]] = field(default_factory=list)
+    history: list[dict[str, float]] = field(default_factory=list)  # thinned to <= 2 * HISTORY entries
+    last: dict[str, float] = field(default_factory=dict)  # the record of the latest step
+    stride: int = 1  # history keeps every stride-th step
+
+
+HISTORY = 1000
 
 
 def warmup_factor(schedule: Schedule, step: int) -> float:
@@ -67,7 +77,7 @@ def training_state(model: nn.Module) -> TrainingState:
     Raises:
         PolicyError: the policy's budget target is below what its rules' ``min_keep`` allow.
     """
-    state = get_state(model)
+    model, state = _owner(model), get_state(model)
     existing = getattr(state, _ATTR, None)
     if existing is not None:
         return existing
@@ -80,10 +90,20 @@ def training_state(model: nn.Module) -> TrainingState:
         budget = getattr(target, target.metric)
         check_reachable(tr.costs[target.metric], state, f"target.{target.metric}", budget, target.tolerance)
         sched = policy.schedule
-        tr.controller = Controller(budget, sched.warmup_steps, ramp_end(sched.warmup_steps, sched.freeze_step))
+        tr.controller = Controller(
+            budget, sched.warmup_steps, ramp_end(sched.warmup_steps, sched.freeze_step)
+        )
     tr.weights = _cost_weights(state, tr)
     setattr(state, _ATTR, tr)
     return tr
+
+
+def _owner(model: nn.Module) -> nn.Module:
+    """The module that carries the gates: ``model`` itself, or the one a DDP / DataParallel wraps."""
+    inner = getattr(model, "module", None)
+    if not is_sparsified(model) and isinstance(inner, nn.Module) and is_sparsified(inner):
+        return inner
+    return model
 
 
 def _cost_weights(state: SparsityState, tr: TrainingState) -> list[float]:
@@ -125,8 +145,10 @@ def penalty_value(model: nn.Module) -> torch.Tensor:
     gates = get_state(model).gate_list()
     if tr.hooked and not tr.warned_twice:
         tr.warned_twice = True
-        warn("autosparse.penalty() called while autosparse.training.attach() already adds the penalty's "
-             "gradient: it now counts twice; drop one of them")
+        warn(
+            "autosparse.penalty() called while autosparse.training.attach() already adds the penalty's "
+            "gradient: it now counts twice; drop one of them"
+        )
     if tr.frozen:
         return gates[0].gamma.new_zeros(())
     return torch.stack(penalty_terms(model)).sum()
@@ -141,7 +163,7 @@ def cost_fraction(model: nn.Module, metric: str = "flops") -> float:
     state = get_state(model)
     tr = training_state(model)
     if metric not in tr.costs:
-        tr.costs[metric] = build_cost_model(model, state, metric)
+        tr.costs[metric] = build_cost_model(_owner(model), state, metric)
     cost = tr.costs[metric]
     return cost.fraction(cost.kept_now(state))
 
@@ -160,25 +182,39 @@ def step(model: nn.Module) -> None:
     record: dict[str, float] = {"step": float(state.step)}
     if tr.controller is not None:
         metric = state.policy.target.metric
-        frac = tr.costs[metric].fraction(tr.costs[metric].kept_now(state))
-        tr.controller.update(state.step, frac)
+        cost = tr.costs[metric]
+        frac = cost.fraction(cost.kept_now(state))
+        soft = cost.fraction(cost.soft_kept(state))
+        tr.controller.update(state.step, tr.controller.signal(state.step, frac, soft))
+        record["soft"] = soft
         record.update({metric: frac, "reference": tr.controller.reference(state.step)})
     if state.policy.penalty.cost_weighting != "none":
         tr.weights = _cost_weights(state, tr)
     record["lambda"] = current_lambda(model)
-    tr.history.append(record)
+    _record(tr, record)
     freeze_at = state.policy.schedule.freeze_step
     if freeze_at is not None and state.step >= freeze_at:
         freeze(model)
+
+
+def _record(tr: TrainingState, record: dict[str, float]) -> None:
+    """Keep the latest record and a thinned history (every ``stride``-th step, at most ~2000)."""
+    tr.last = record
+    if int(record["step"]) % tr.stride == 0:
+        tr.history.append(record)
+    if len(tr.history) > 2 * HISTORY:
+        tr.history[:] = tr.history[1::2]
+        tr.stride *= 2
 
 
 def freeze(model: nn.Module) -> None:
     """Fix the structure: enforce the budget (if any), then stop every gate from changing.
 
     Over budget, the open units that cost most per unit of gate value are closed until the predicted
-    cost is at most the target. The gate parameters stop requiring gradients, their gradients are
-    dropped, and :func:`step` restores them after every optimizer step, so neither momentum nor
-    weight decay can move them.
+    cost is at most the target. The gate values are then folded into the weights (every open gate
+    becomes exactly 1; the model computes the same function). The gate parameters stop requiring
+    gradients, their gradients are dropped, and :func:`step` restores them after every optimizer
+    step, so neither momentum nor weight decay can move them.
     """
     state = get_state(model)
     tr = training_state(model)
@@ -190,13 +226,45 @@ def freeze(model: nn.Module) -> None:
         enforce(state, cost, getattr(target, target.metric))
         frac = cost.fraction(cost.kept_now(state))
         if frac < getattr(target, target.metric) - target.tolerance:
-            warn(f"gates froze at {frac:.3f} of the dense {target.metric}, below target.{target.metric} "
-                 f"({getattr(target, target.metric):g}) minus its tolerance; train longer before freeze_step")
+            warn(
+                f"gates froze at {frac:.3f} of the dense {target.metric}, below target.{target.metric} "
+                f"({getattr(target, target.metric):g}) minus its tolerance; train longer before freeze_step"
+            )
+    _normalize(_owner(model), state)
     for gate in state.gate_list():
         gate.gamma.requires_grad_(False)
         gate.gamma.grad = None
     tr.snapshot = [gate.gamma.detach().clone() for gate in state.gate_list()]
     tr.frozen = True
+
+
+def _normalize(model: nn.Module, state: SparsityState) -> None:
+    """Fold the gate values into the weights so that every open unit's gate is exactly 1 from now on.
+
+    The model computes exactly the same function, but the fine-tuning after the freeze sees all kept
+    units at the same scale: a unit whose gate is 0.1 would otherwise learn ten times slower through
+    ``W * g`` than one whose gate is 1 (Adam steps ``W`` by about the learning rate either way).
+    Closed units are forced off, then every ``gamma`` is reset to its fully open value (0 for the
+    default gate, whose gates are then all 1).
+    """
+    chains = [
+        module.parametrizations[attr]
+        for module in model.modules()
+        if parametrize.is_parametrized(module)
+        for attr in module.parametrizations
+    ]
+    chains = [c for c in chains if any(isinstance(site, GateSite) for site in c)]
+    if not all(isinstance(site, GateSite) for c in chains for site in c):
+        return  # another parametrization shares a weight with a gate: folding would not be exact
+    with torch.no_grad():
+        old = [math.prod(site.multiplier() for site in c) for c in chains]
+        for gate in state.gate_list():
+            gate.zero_((gate.values() == 0).nonzero().flatten())
+            gate.gamma.fill_(getattr(gate, "open_gamma", 0.0))  # DS gate: gamma 0 is exactly 1
+        for chain, before in zip(chains, old):
+            after = math.prod(site.multiplier() for site in chain)
+            ratio = torch.where(after != 0, before / after.where(after != 0, torch.ones_like(after)), 1.0)
+            chain.original.mul_(ratio.to(chain.original.dtype))
 
 
 def _restore(state: SparsityState, tr: TrainingState) -> None:
@@ -228,7 +296,9 @@ class Attachment:
         self._handles = []
         model = self._model()
         if model is not None:
-            training_state(model).hooked = False
+            tr = training_state(model)
+            tr.hooked = False
+            tr.attachment = None if tr.attachment is self else tr.attachment
 
     def __enter__(self) -> Attachment:
         return self
@@ -252,7 +322,7 @@ def attach(
             adds the penalty itself and only the schedule is hooked.
 
     Returns:
-        An :class:`Attachment`; call ``.remove()`` to undo.
+        An :class:`Attachment`; call ``.remove()`` to undo. Attaching again replaces the previous one.
 
     Raises:
         PolicyError: the budget target cannot be reached under the rules' ``min_keep``.
@@ -263,6 +333,8 @@ def attach(
     """
     tr = training_state(model)
     state = get_state(model)
+    if tr.attachment is not None:
+        tr.attachment.remove()  # two attachments would count every step twice
     handles: list[Any] = []
     if add_penalty_gradient:
         for i, gate in enumerate(state.gate_list()):
@@ -282,8 +354,9 @@ def attach(
     if optimizer is not None:
         handles.append(optimizer.register_step_post_hook(after_step))
     else:
-        handles.append(torch.optim.optimizer.register_optimizer_step_post_hook(after_step))
-    return Attachment(model, handles)
+        handles.append(register_optimizer_step_post_hook(after_step))
+    tr.attachment = Attachment(model, handles)
+    return tr.attachment
 
 
 def _penalty_hook(model: nn.Module, index: int):

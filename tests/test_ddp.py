@@ -138,9 +138,6 @@ def test_sync_batchnorm_converted_after_sparsify_compacts() -> None:
     assert isinstance(small[1], nn.SyncBatchNorm) and small[1].num_features == 6 and small[0].out_channels == 6
 
 
-@pytest.mark.xfail(strict=True, reason="bug: the op registry keys BatchNorm1d/2d/3d, not _BatchNorm, so a "
-                                        "SyncBatchNorm (converted before sparsify) is an unknown op and blocks "
-                                        "every channel it normalises")
 def test_sync_batchnorm_converted_before_sparsify_is_understood() -> None:
     x, _ = data()
     model = nn.SyncBatchNorm.convert_sync_batchnorm(_bn_net())

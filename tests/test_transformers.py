@@ -127,3 +127,14 @@ def test_uniform_widths_update_the_config_and_reload_with_from_pretrained(tmp_pa
     reloaded = type(small).from_pretrained(tmp_path)
     with torch.no_grad():
         assert _rel(small(*inputs), reloaded(*inputs)) <= 1e-6
+
+
+def test_torch_transformer_encoder_layers_are_not_offered_as_branches():
+    model, inputs = get_case("torch_encoder").build()
+    with pytest.raises(autosparse.NoGatesError):
+        autosparse.sparsify(model, {"rules": [{"granularity": "layer"}]}, example_inputs=inputs)
+    net = autosparse.sparsify(model, ALL_GRANULARITIES, example_inputs=inputs)
+    for gate in autosparse.gates(net).values():
+        gate.zero_([0])
+    small = autosparse.compact(net)  # verified: the channel gates still compact exactly
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())

@@ -97,6 +97,8 @@ def find_branches(capture: Capture, model: nn.Module) -> list[Branch]:
                 continue
             if isinstance(modules.get(child), (nn.Linear, nn.Conv1d, nn.Conv2d)) or child not in modules:
                 continue  # the branch is more than its last weight: removing only that saves little
+            if isinstance(modules.get(child), nn.MultiheadAttention):
+                continue  # nn.TransformerEncoderLayer's fast path reads its internals: cannot stand in
             size = int(model.get_parameter(hit[1]).shape[hit[3]])
             found[child] = Branch(child, parent, type(modules[child]).__name__, hit[1], hit[2], hit[3], size)
     return list(found.values())
