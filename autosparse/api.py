@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 from autosparse.analysis import DEFAULT_RULES, analyze
 from autosparse.analysis.branches import find_branches
 from autosparse.analysis.registry import Handler, RuleKey
-from autosparse.capture import capture
+from autosparse.capture import call_kwargs, capture
 from autosparse.compaction import compact_model
 from autosparse.errors import AlreadySparsifiedError, ExampleInputsError
 from autosparse.gates import Gate, GateSite
@@ -65,19 +65,10 @@ def sparsify(
     plan = make_plan(policy, analyze(captured, rules), model, branches)
     target = model if inplace else copy.deepcopy(model)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    kwargs = {"use_cache": False} if "use_cache" in _forward_params(model) else {}
+    kwargs = call_kwargs(model)
     gate_list = _attach(target, plan, policy)
     target.__dict__[STATE_ATTR] = SparsityState(plan, policy, tuple(inputs), kwargs, gate_list)
     return target
-
-
-def _forward_params(model: nn.Module) -> set[str]:
-    import inspect
-
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
 
 
 def _attach(model: nn.Module, plan: Plan, policy: Policy) -> list[Gate]:

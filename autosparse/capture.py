@@ -84,7 +84,7 @@ def _normalize_inputs(model: nn.Module, example_inputs: Any) -> tuple:
     return tuple(example_inputs)
 
 
-def _call_kwargs(model: nn.Module) -> dict[str, Any]:
+def call_kwargs(model: nn.Module) -> dict[str, Any]:
     """Extra keyword inputs for a stable capture: Hugging Face caches make graphs data dependent."""
     try:
         params = inspect.signature(model.forward).parameters
@@ -137,7 +137,7 @@ def capture(model: nn.Module, example_inputs: Any) -> Capture:
         CaptureError: neither torch.fx nor torch.export could capture the model.
     """
     inputs = _normalize_inputs(model, example_inputs)
-    kwargs = _call_kwargs(model)
+    kwargs = call_kwargs(model)
     modes = {m: m.training for m in model.modules()}
     start = time.perf_counter()
     errors: list[str] = []

@@ -7,7 +7,6 @@ the check passed, so a failed export never leaves a partial file behind.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import io
 import logging
 import os
@@ -21,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from autosparse.capture import call_kwargs
 from autosparse.errors import ExportError
 from autosparse.state import flatten_outputs, is_sparsified
 
@@ -58,7 +58,7 @@ def export(model: nn.Module, path: str | os.PathLike[str], *, example_inputs: tu
         raise ExportError(f"export format must be 'torch' or 'onnx', got {format!r}")
     _check_exportable(model)
     inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    kwargs = _default_kwargs(model) if example_kwargs is None else dict(example_kwargs)
+    kwargs = call_kwargs(model) if example_kwargs is None else dict(example_kwargs)
     target = Path(path)
     training = {m: m.training for m in model.modules()}
     model.eval()
@@ -83,14 +83,6 @@ def _check_exportable(model: nn.Module) -> None:
         raise ExportError(
             f"{type(model).__name__} is still gated; export the compacted model: "
             "small = autosparse.compact(net); autosparse.export(small, path, example_inputs=...)")
-
-
-def _default_kwargs(model: nn.Module) -> dict[str, Any]:
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-    return {"use_cache": False} if "use_cache" in params else {}
 
 
 @contextlib.contextmanager
