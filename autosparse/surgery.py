@@ -37,6 +37,10 @@ def slice_tensor(model: nn.Module, name: str, dim: int, keep: torch.Tensor) -> N
         owner.register_buffer(attr, new, persistent=attr not in owner._non_persistent_buffers_set)
 
 
+def has_fixer(module: nn.Module) -> bool:
+    return any(cls in FIXERS or cls.__name__ in FIXERS for cls in type(module).__mro__)
+
+
 def fix_attributes(module: nn.Module, old_shapes: dict[str, tuple[int, ...]]) -> None:
     for cls in type(module).__mro__:
         found = FIXERS.get(cls) or FIXERS.get(cls.__name__)

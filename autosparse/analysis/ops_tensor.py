@@ -93,7 +93,10 @@ def reshape(ctx: OpContext) -> None:
     if literal and not _rewritable_size(ctx, sizes[new.dim]):
         exported = ctx.state.capture.kind == "export"
         kept_whole = not split and np.array_equal(new.ids, label.ids)  # view(-1, C): C maps 1:1
-        if split or not exported or (-1 in sizes and not kept_whole):
+        # Exported literals that are still safe: the channel dim kept whole next to a -1 (Conv1D's
+        # view(-1, C)), or merged with a broadcast dim without -1 (GQA's repeat_kv reshape).
+        safe = (kept_whole and -1 in sizes) or (not kept_whole and -1 not in sizes)
+        if split or not exported or not safe:
             ctx.block(new, f"a reshape that hard-codes the size {sizes[new.dim]} of the channel dim")
             return ctx.output(None)
     if split:
@@ -103,7 +106,7 @@ def reshape(ctx: OpContext) -> None:
 
 def _rewritable_size(ctx: OpContext, count: int) -> bool:
     """A literal size is fine when it is an attribute compaction rewrites (``self.heads``)."""
-    from autosparse.surgery import head_count_attribute
+    from autosparse.surgery import has_fixer, head_count_attribute
 
     stack = ctx.node.meta.get("nn_module_stack") or {}
     model = ctx.state.capture.model
@@ -114,7 +117,14 @@ def _rewritable_size(ctx: OpContext, count: int) -> bool:
         module = model.get_submodule(path)
     except AttributeError:
         return False
-    return head_count_attribute(module, count) is not None
+    if head_count_attribute(module, count) is not None:
+        return True
+    # A layer whose own forward shapes its output from a width attribute its fixer rewrites
+    # (Hugging Face Conv1D: ``x.view(*shape[:-1], self.nf)``).
+    return has_fixer(module) and any(getattr(module, a, None) == count for a in _WIDTH_ATTRS)
+
+
+_WIDTH_ATTRS = ("nf", "out_features", "out_channels", "num_features", "embedding_dim")
 
 
 _SIZED = {"view", "reshape", aten.view.default, aten.reshape.default, torch.reshape}
@@ -159,7 +169,9 @@ def permute(ctx: OpContext) -> None:
 def cat(ctx: OpContext) -> None:
     """Concatenation: along the channel dim ids are laid end to end; elsewhere inputs unite."""
     if not isinstance(ctx.arg(0), (list, tuple)):  # e.g. cat(parts[::-1]): the list is a graph value
-        ctx.block_inputs("a concat of a computed sequence")
+        found = ctx.state.env.get(ctx.arg(0))
+        for lab in found if isinstance(found, list) else [found]:
+            ctx.block(lab if isinstance(lab, Label) else None, "a concat of a computed sequence")
         return ctx.output(None)
     tensors = list(ctx.arg(0))
     out_shape = ctx.shape()
@@ -218,7 +230,7 @@ def split(ctx: OpContext) -> None:
         ctx.block(label, "a split into unequal parts along the channel dim")
         return ctx.output([None] * len(sizes))
     literal = ctx.node.target in _SIZE_SPLITS and isinstance(ctx.arg(1), (int, list, tuple))
-    if literal and ctx.state.capture.kind == "fx" and not _rewritable_size(ctx, sizes[0]):
+    if literal and not _rewritable_size(ctx, sizes[0]):  # exported chunk stays aten.chunk
         ctx.block(label, f"a split that hard-codes the part size {sizes[0]} (use chunk)")
         return ctx.output([None] * len(sizes))
     parts = label.ids.reshape(len(sizes), sizes[0])
@@ -227,7 +239,8 @@ def split(ctx: OpContext) -> None:
     ctx.output([Label(dim, part.copy()) for part in parts])
 
 
-_SIZE_SPLITS = {"split", torch.split}
+_SIZE_SPLITS = {"split", torch.split, aten.split.Tensor, aten.split_with_sizes.default,
+                aten.unsafe_split.Tensor}
 
 
 def _split_dim(ctx: OpContext, ndim: int) -> int:
@@ -239,6 +252,8 @@ def getitem(ctx: OpContext) -> None:
     source, index = ctx.arg(0), ctx.arg(1)
     found = ctx.state.env.get(source)
     if isinstance(found, list):
+        if isinstance(index, slice):  # parts[::-1]: still a sequence of labels
+            return ctx.output(found[index])
         return ctx.output(found[index] if isinstance(index, int) and index < len(found) else None)
     label = ctx.label(source)
     if label is None or ctx.shape() is None:
