@@ -221,7 +221,7 @@ def _call(net: FuzzNet, i: int, node: Node, xs: list, in_shape: tuple[int, ...],
         "slice_c": lambda: x[..., 1:] if kind == "seq" else x[:, 1:],
         "perm_c": lambda: x[..., list(range(in_shape[cd]))[::-1]] if kind == "seq"
         else x[:, list(range(in_shape[cd]))[::-1]],
-        "lenet_view": lambda: x.view(-1, math.prod(in_shape[1:])),
+        "lenet_view": lambda: x.contiguous().view(-1, math.prod(in_shape[1:])),  # cl_linear leaves x permuted
         "cpad": lambda: F.pad(x, (0, 0) * nsp + (1, 1)),
         "unbatched_pool": lambda: F.adaptive_avg_pool1d(x, in_shape[1] // 2) if kind == "flat"
         else F.max_pool2d(x, 2),
