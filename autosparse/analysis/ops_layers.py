@@ -196,6 +196,20 @@ def _embedding(ctx: OpContext, weight: str | None) -> None:
     ctx.output(Label(ctx.ndim() - 1, out))
 
 
+def table_lookup(ctx: OpContext) -> None:
+    """``table[idx]`` of a 2-D parameter (relative position bias tables): like an embedding, the
+    table's columns become elements that follow whatever they are added to (e.g. attention heads)."""
+    table, indices = ctx.arg(0), ctx.arg(1)
+    name = ctx.tensor_name(table)
+    simple = isinstance(indices, (list, tuple)) and len(indices) == 1 and indices[0] is not None
+    if name is None or ctx.ndim(table) != 2 or not simple or ctx.label(indices[0]) is not None:
+        ctx.block_inputs("advanced indexing")
+        return ctx.output(None)
+    ids = ctx.new(ctx.shape(table)[1])
+    ctx.member(name, 1, ids, "follower")
+    ctx.output(Label(ctx.ndim() - 1, ids))
+
+
 def _channel_followers(ctx: OpContext, x, names: list[str | None]) -> None:
     """An op acting per channel (dim 1) whose vectors (scale, shift, stats) follow the channels."""
     ids = _input_ids(ctx, x, 1)
@@ -364,6 +378,7 @@ def register(rules: Registry) -> None:
     rules.register([nn.PixelUnshuffle, F.pixel_unshuffle, aten.pixel_unshuffle], pixel_unshuffle)
     rules.register(_ACTIVATIONS, identity_module)
     rules.register(nn.PReLU, prelu)
+    rules.register(aten.index.Tensor, table_lookup)
     rules.register(nn.Softmax, softmax_module)
 
 
