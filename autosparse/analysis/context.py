@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from autosparse.analysis.labels import Label, dense_ids, normalize
+from autosparse.analysis.labels import Label, normalize
 from autosparse.analysis.unionfind import Elements
 from autosparse.capture import Capture
 
@@ -113,15 +113,3 @@ class OpContext:
 
     def normalize(self, ids: np.ndarray, why: str) -> Label | None:
         return normalize(self.elements, ids, f"{why} at {self.where}")
-
-    def dense(self, label: Label, shape: tuple[int, ...]) -> np.ndarray:
-        return dense_ids(label, shape)
-
-    def project(self, label: Label | None, dim: int, size: int) -> np.ndarray | None:
-        """The ids along ``dim`` of a tensor labelled by ``label``; None if ``dim`` carries none."""
-        if label is None:
-            return None
-        if label.dim != dim:
-            self.block(label, "channels used as a non-channel dimension")
-            return None
-        return label.ids

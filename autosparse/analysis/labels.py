@@ -9,7 +9,6 @@ slices along one dimension. Operations that would label two dimensions fuse the 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,13 +25,6 @@ class Label:
 
     def moved(self, dim: int) -> Label:
         return Label(dim, self.ids)
-
-
-def dense_ids(label: Label, shape: tuple[int, ...]) -> np.ndarray:
-    """The label as an array broadcastable to ``shape`` (size 1 on unlabelled dims)."""
-    view = [1] * len(shape)
-    view[label.dim] = len(label.ids)
-    return label.ids.reshape(view)
 
 
 def normalize(elements: Elements, ids: np.ndarray, reason: str) -> Label | None:
@@ -123,7 +115,3 @@ def reshape_label(
         after = 0 if out is None else len(set(elements.find_all(out.ids).tolist()))
         return out, after < before
     return label, False
-
-
-def numel(shape: tuple[int, ...]) -> int:
-    return math.prod(shape)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -361,7 +363,7 @@ def register(rules: Registry) -> None:
     rules.register(nn.Linear, linear_module)
     rules.register([F.linear, aten.linear], linear_function)
     rules.register([torch.addmm, aten.addmm], addmm)
-    rules.register([torch.matmul, torch.bmm, operator_matmul(), "matmul", "bmm", aten.matmul,
+    rules.register([torch.matmul, torch.bmm, operator.matmul, "matmul", "bmm", aten.matmul,
                     aten.bmm, aten.mm], matmul)
     rules.register([F.scaled_dot_product_attention, aten.scaled_dot_product_attention], sdpa)
     rules.register(nn.Embedding, embedding_module)
@@ -380,9 +382,3 @@ def register(rules: Registry) -> None:
     rules.register(nn.PReLU, prelu)
     rules.register(aten.index.Tensor, table_lookup)
     rules.register(nn.Softmax, softmax_module)
-
-
-def operator_matmul():
-    import operator
-
-    return operator.matmul

@@ -61,10 +61,6 @@ def pointwise(ctx: OpContext) -> None:
     ctx.output(Label(dim, ids))
 
 
-def identity(ctx: OpContext) -> None:
-    ctx.output(ctx.label(ctx.arg(0)))
-
-
 def _shape_args(ctx: OpContext) -> list:
     rest = ctx.args[1:]
     if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
