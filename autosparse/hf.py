@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from autosparse.surgery import _HEAD_DIM_NAMES, _K_NAMES, _Q_NAMES, _out_features
+from autosparse.surgery import _out_features, head_layout
 
 _MLP_IN = ("gate_proj", "up_proj", "fc1", "c_fc", "wi", "w1")
 _CONFIG_HEADS = ("num_attention_heads", "n_head", "num_heads")
@@ -20,19 +20,8 @@ _CONFIG_MLP = ("intermediate_size", "n_inner", "d_ff")
 
 
 def _attention_widths(model: nn.Module) -> tuple[set[int], set[int]]:
-    q_counts, kv_counts = set(), set()
-    for module in model.modules():
-        head_dim = next((getattr(module, n) for n in _HEAD_DIM_NAMES if isinstance(getattr(module, n, None), int)),
-                        None)
-        q = next((getattr(module, n) for n in _Q_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
-        if not head_dim or q is None or _out_features(q) is None:
-            continue
-        fused = 3 if type(q).__name__ == "Conv1D" else 1
-        q_counts.add(_out_features(q) // fused // head_dim)
-        k = next((getattr(module, n) for n in _K_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
-        if k is not None and _out_features(k):
-            kv_counts.add(_out_features(k) // head_dim)
-    return q_counts, kv_counts
+    layouts = [layout for layout in map(head_layout, model.modules()) if layout is not None]
+    return {n_q for _, n_q, _ in layouts}, {n_kv for _, _, n_kv in layouts}
 
 
 def _mlp_widths(model: nn.Module) -> set[int]:

@@ -99,6 +99,7 @@ def _hf_conv1d(m: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
 # --------------------------------------------------------------------------- attention containers
 _Q_NAMES = ("q_proj", "query", "q", "c_attn", "qkv", "Wqkv")
 _K_NAMES = ("k_proj", "key", "k")
+_FUSED_QKV = ("c_attn", "qkv", "Wqkv")
 _HEAD_DIM_NAMES = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size")
 HEAD_COUNT_NAMES = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads", "q_heads")
 WIDTH_NAMES = ("all_head_size", "inner_dim", "split_size")
@@ -108,11 +109,10 @@ KV_COUNT_NAMES = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "kv_heads
 def head_count_attribute(module: nn.Module, value: int) -> str | None:
     """The name of ``module``'s head-count attribute equal to ``value``, if ``fix_attention`` can
     rewrite it after compaction (it needs a query projection and an integer head_dim)."""
-    head_dim = next((getattr(module, n) for n in _HEAD_DIM_NAMES if isinstance(getattr(module, n, None), int)),
-                    None)
-    has_q = any(isinstance(getattr(module, n, None), nn.Module) for n in _Q_NAMES)
-    if not head_dim or not has_q:
+    layout = head_layout(module)
+    if layout is None:
         return None
+    head_dim = layout[0]
     names = HEAD_COUNT_NAMES + KV_COUNT_NAMES + WIDTH_NAMES
     found = next((a for a in names if getattr(module, a, None) == value), None)
     if found is None:  # ``self.heads * self.head_dim`` is folded into a literal by tracing
@@ -128,6 +128,22 @@ def _out_features(module: nn.Module) -> int | None:
     return weight.shape[1] if type(module).__name__ == "Conv1D" else weight.shape[0]
 
 
+def head_layout(module: nn.Module) -> tuple[int, int, int] | None:
+    """``(head_dim, query heads, key/value heads)`` read off an attention module's projections,
+    or None when it has no integer head_dim or no query projection."""
+    head_dim = next((getattr(module, n) for n in _HEAD_DIM_NAMES if isinstance(getattr(module, n, None), int)),
+                    None)
+    q_name = next((n for n in _Q_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
+    if not head_dim or q_name is None or _out_features(getattr(module, q_name)) is None:
+        return None
+    q = getattr(module, q_name)
+    fused = 3 if type(q).__name__ == "Conv1D" or q_name in _FUSED_QKV or "qkv" in type(q).__name__.lower() else 1
+    n_q = _out_features(q) // fused // head_dim
+    k = next((getattr(module, n) for n in _K_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
+    n_kv = _out_features(k) // head_dim if k is not None and _out_features(k) else n_q
+    return head_dim, n_q, n_kv
+
+
 def fix_attention(module: nn.Module) -> bool:
     """Rewrite head counts of an attention module from its (sliced) projections.
 
@@ -135,15 +151,10 @@ def fix_attention(module: nn.Module) -> bool:
     that their forward uses for views and splits; after heads are removed they must agree with
     the weights or a later forward crashes (or, worse, regroups heads). Returns True if fixed.
     """
-    head_dim = next((getattr(module, n) for n in _HEAD_DIM_NAMES if isinstance(getattr(module, n, None), int)),
-                    None)
-    q = next((getattr(module, n) for n in _Q_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
-    if not head_dim or q is None or _out_features(q) is None:
+    layout = head_layout(module)
+    if layout is None:
         return False
-    fused = 3 if type(q).__name__ == "Conv1D" or "qkv" in str(type(q)).lower() else 1
-    n_q = _out_features(q) // fused // head_dim
-    k = next((getattr(module, n) for n in _K_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
-    n_kv = _out_features(k) // head_dim if k is not None and _out_features(k) else n_q
+    head_dim, n_q, n_kv = layout
     for attr in HEAD_COUNT_NAMES:
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, n_q)
