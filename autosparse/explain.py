@@ -9,6 +9,7 @@ from torch import nn
 
 from autosparse.analysis import Analysis, analyze
 from autosparse.capture import capture
+from autosparse.mha import traceable_attention
 from autosparse.state import get_state, is_sparsified
 
 
@@ -78,7 +79,8 @@ def explain(model: nn.Module, *, example_inputs: tuple | None = None) -> Explana
         kept = {gg.name: gate.kept() for gg, gate in zip(state.plan.gated, state.gate_list())}
         skipped = state.plan.skipped
     else:
-        analysis = analyze(capture(model, example_inputs))
+        with traceable_attention(model):
+            analysis = analyze(capture(model, example_inputs))
         kept, skipped = {}, []
     report = _report(analysis, kept)
     if is_sparsified(model):

@@ -91,6 +91,11 @@ def _prelu(m: nn.PReLU, old: dict[str, tuple[int, ...]]) -> None:
     m.num_parameters = m.weight.shape[0]
 
 
+@fixer(nn.MultiheadAttention)
+def _multihead(m: nn.MultiheadAttention, old: dict[str, tuple[int, ...]]) -> None:
+    fix_attention(m)
+
+
 @fixer("Conv1D")  # Hugging Face GPT-2 style (in, out) weight
 def _hf_conv1d(m: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
     m.nx, m.nf = m.weight.shape
@@ -109,6 +114,11 @@ KV_COUNT_NAMES = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "kv_heads
 def head_count_attribute(module: nn.Module, value: int) -> str | None:
     """The name of ``module``'s head-count attribute equal to ``value``, if ``fix_attention`` can
     rewrite it after compaction (it needs a query projection and an integer head_dim)."""
+    if isinstance(module, nn.MultiheadAttention):  # compaction makes it a PrunedMultiheadAttention
+        from autosparse.mha import supported
+
+        pruned = supported(module) or type(module).__name__ == "PrunedMultiheadAttention"
+        return "num_heads" if pruned and module.num_heads == value else None
     layout = head_layout(module)
     if layout is None:
         return None
@@ -151,6 +161,11 @@ def fix_attention(module: nn.Module) -> bool:
     that their forward uses for views and splits; after heads are removed they must agree with
     the weights or a later forward crashes (or, worse, regroups heads). Returns True if fixed.
     """
+    if isinstance(module, nn.MultiheadAttention):  # its forward cannot change inner width: swap class
+        from autosparse.mha import to_pruned
+
+        to_pruned(module)
+        return True
     layout = head_layout(module)
     if layout is None:
         return False

@@ -20,7 +20,8 @@ from tests.zoo import ALL_CASES, output_tensors
 POLICY = {"rules": [{"granularity": "channel"}, {"granularity": "head"}]}
 # Cases whose analysis must find attention heads (a regression here means heads were lost).
 EXPECT_HEADS = {"hf_bert", "hf_roberta", "hf_gpt2", "hf_llama", "hf_mistral", "hf_qwen2", "hf_qwen3",
-                "hf_vit", "hf_t5_encoder", "attention_block", "gqa_block", "hf_swin"}
+                "hf_vit", "hf_t5_encoder", "attention_block", "gqa_block", "hf_swin",
+                "torch_encoder", "mha_block", "mha_seq_first"}
 NOT_PRUNABLE = {"channel_shuffle"}  # hard-coded group counts: refused, never guessed
 
 

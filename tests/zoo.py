@@ -21,8 +21,8 @@ from torch import nn
 FAMILIES = frozenset({"cnn", "hf-cnn", "transformer", "hf-transformer"})
 # The architectural features a case exercises; tests select cases by these.
 TAGS = frozenset(
-    "attention chunk concat conv1d depthwise flatten glu gqa grouped groupnorm layernorm layerscale packed-qkv"
-    " pixelshuffle residual rmsnorm rope se shuffle tied transpose upsample".split()
+    "attention chunk concat conv1d depthwise flatten glu gqa grouped groupnorm layernorm layerscale mha packed-qkv"
+    " pixelshuffle residual rmsnorm rope se seq-first shuffle tied transpose upsample".split()
 )
 
 
@@ -393,6 +393,30 @@ class NanoGPT(nn.Module):
         return self.lm_head(self.ln_f(x))
 
 
+class MHABlock(nn.Module):
+    """Pre-LN block around nn.MultiheadAttention, called the usual way (weights returned, ignored)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4, batch_first: bool = True) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=batch_first)
+        self.fc1, self.fc2 = nn.Linear(dim, 2 * dim), nn.Linear(2 * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        a, _ = self.attn(h, h, h)
+        x = x + a
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+def mha_net() -> nn.Module:
+    return nn.Sequential(MHABlock(), MHABlock())
+
+
+def mha_seq_first_net() -> nn.Module:
+    return nn.Sequential(MHABlock(batch_first=False), MHABlock(batch_first=False))
+
+
 def attention_net() -> nn.Module:
     return nn.Sequential(AttentionBlock(), AttentionBlock())
 
@@ -502,7 +526,10 @@ CNN_CASES = [
 
 TRANSFORMER_CASES = [
     # nn.TransformerEncoder branches on tensor properties (fast-path checks), which fx cannot trace.
-    _case("torch_encoder", torch_encoder, _sequence, "transformer", False, "packed-qkv " + _ENCODER),
+    # Its nn.MultiheadAttention is analysed through autosparse.mha's traceable stand-in.
+    _case("torch_encoder", torch_encoder, _sequence, "transformer", False, "packed-qkv mha " + _ENCODER),
+    _case("mha_block", mha_net, _sequence, "transformer", True, "packed-qkv mha " + _ENCODER),
+    _case("mha_seq_first", mha_seq_first_net, _sequence, "transformer", True, "packed-qkv mha seq-first " + _ENCODER),
     _case("attention_block", attention_net, _sequence, "transformer", True, _ENCODER),
     _case("gqa_block", gqa_net, _sequence, "transformer", True, _LLM),
     _case("nanogpt", NanoGPT, _tokens, "transformer", True, "attention packed-qkv residual layernorm tied"),

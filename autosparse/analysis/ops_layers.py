@@ -41,6 +41,11 @@ def contraction(ctx: OpContext, x, weight: str | None, bias: str | None, *, in_d
         if ids is not None:
             ctx.elements.block(ids, f"a contraction with a computed weight at {ctx.where}")
         return ctx.output(None)
+    if ids is None and ctx.shape(x) is not None:
+        # Features autosparse cannot slice (a model input, a blocked op): recorded as fixed, so a
+        # weight shared with a prunable input (packed attention projections) stays whole there.
+        ids = ctx.new(ctx.shape(x)[x_dim])
+        ctx.elements.block(ids, f"'{weight}' also reads an input autosparse cannot slice at {ctx.where}")
     if ids is not None:
         ctx.member(weight, in_dim, ids, "consumer")
     out = ctx.new(n_out)
