@@ -17,7 +17,7 @@ from autosparse.analysis.registry import Handler, RuleKey
 from autosparse.capture import call_kwargs, capture
 from autosparse.compaction import compact_model
 from autosparse.errors import AlreadySparsifiedError, ExampleInputsError
-from autosparse.gates import Gate, GateSite
+from autosparse.gates import Gate, GateSite, gate_inputs
 from autosparse.hard_concrete import HardConcreteGate
 from autosparse.plan import Plan, make_plan
 from autosparse.policy import Policy, load_policy
@@ -70,6 +70,7 @@ def sparsify(
     kwargs = call_kwargs(model)
     gate_list = _attach(target, plan, policy)
     target.__dict__[STATE_ATTR] = SparsityState(plan, policy, tuple(inputs), kwargs, gate_list)
+    gate_inputs(target)  # the cheaper multiply where an input is smaller than its weight (exact)
     return target
 
 

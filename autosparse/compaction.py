@@ -1,4 +1,9 @@
-"""Compaction: fold gate values into weights, physically remove zeroed units, verify equivalence."""
+"""Compaction: fold gate values into weights, physically remove zeroed units, verify equivalence.
+
+A copy costs the compacted model, not a second full one: the tensors compaction slices or folds are
+not deep-copied (the copy views them until each is replaced by a new, smaller tensor), and weights
+are sliced before their gates are folded in, so no full-size folded weight is built either.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from autosparse.errors import ArgumentError, CompactionError, EquivalenceError
-from autosparse.gates import GateSite
+from autosparse.gates import GateSite, remove_input_gating
 from autosparse.hf import sync_config
 from autosparse.layers import remove_branches
 from autosparse.replay import base_config, replay
@@ -85,13 +90,15 @@ def compact_model(model: nn.Module, inplace: bool, verify: bool, rtol: float) ->
         raise ArgumentError(f"compact: rtol must be a number >= 0 (a tolerance relative to the output "
                             f"scale, e.g. 1e-5), got {rtol!r}")
     removed, summary = removed_units(state)
-    target = model if inplace else copy.deepcopy(model)
+    target = model if inplace else _copy(model, _replaced_tensors(model, _kept_positions(state, removed)))
     try:
         record = _apply(target, state, removed)
         record.replaced, record.dropped_layers = remove_branches(model, target, state, removed_branches(state))
         record.config_changes = sync_config(target)
     except Exception as exc:
         raise CompactionError(f"compaction failed: {type(exc).__name__}: {exc}") from exc
+    if not inplace:
+        _unshare(model, target)
     record.groups = summary
     target._autosparse_record = record
     if verify and state.example_inputs is not None and not inplace:
@@ -121,8 +128,21 @@ def _blame(model: nn.Module, state: SparsityState, removed: set[int], rtol: floa
 
 
 def _apply(model: nn.Module, state: SparsityState, removed: set[int]) -> Record:
-    _fold_gates(model)
+    # Slice first, fold after: folding multiplies only the kept entries, so no full-size folded
+    # weight is ever built (and in a copy the full-size weights are never copied, see _copy).
+    pending = _unparametrize(model)
     model.__dict__.pop("_autosparse", None)
+    record = Record(kept=_kept_positions(state, removed))
+    # The base model is only known here (later steps rewrite the config): save() stores its shapes'
+    # hash, so load() can tell whether a base model fits, and a Hugging Face config to rebuild it.
+    record.base_config = base_config(model)
+    record.base_shapes = replay(model, record.kept)
+    _fold(pending, record.kept)
+    return record
+
+
+def _kept_positions(state: SparsityState, removed: set[int]) -> dict[str, dict[str, list[int]]]:
+    """``Record.kept``: for every tensor and dim that loses positions, the positions it keeps."""
     by_tensor: dict[tuple[str, int], np.ndarray] = {}
     for m in state.plan.analysis.members:
         by_tensor.setdefault((m.name, m.dim), m.ids)
@@ -130,23 +150,92 @@ def _apply(model: nn.Module, state: SparsityState, removed: set[int]) -> Record:
     size = max([int(ids.max()) for ids in by_tensor.values() if len(ids)] + [int(removed_arr.max(initial=0))]) + 1
     is_removed = np.zeros(size, dtype=bool)  # one mask: np.isin per tensor re-sorts the removed set
     is_removed[removed_arr] = True
-    record = Record()
+    kept: dict[str, dict[str, list[int]]] = {}
     for (name, dim), ids in by_tensor.items():
         keep = np.flatnonzero(~is_removed[ids])
         if len(keep) < len(ids):
-            record.kept.setdefault(name, {})[str(dim)] = keep.tolist()
-    # The base model is only known here (later steps rewrite the config): save() stores its shapes'
-    # hash, so load() can tell whether a base model fits, and a Hugging Face config to rebuild it.
-    record.base_config = base_config(model)
-    record.base_shapes = replay(model, record.kept)
-    return record
+            kept.setdefault(name, {})[str(dim)] = keep.tolist()
+    return kept
 
 
-def _fold_gates(model: nn.Module) -> None:
-    """Bake every gate site into its weight (W * g), leaving plain parameters."""
-    for module in list(model.modules()):
+# ---------------------------------------------------------------- copy without the full-size weights
+
+
+def _replaced_tensors(model: nn.Module, kept: dict[str, dict[str, list[int]]]) -> list[torch.Tensor]:
+    """The tensors compaction replaces by new ones: the weights under gate sites only (folded out
+    of place by :func:`_fold`) and the plain tensors it slices (``slice_tensor`` makes new ones)."""
+    out = []
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            out += [chain.original for chain in module.parametrizations.values()
+                    if chain.is_tensor and all(isinstance(p, GateSite) for p in chain)]
+    for name in kept:
+        owner_name, _, attr = name.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_name)
+        except AttributeError:  # replay reports it, with a better message, inside compaction's try
+            continue
+        if not parametrize.is_parametrized(owner, attr) and isinstance(getattr(owner, attr, None), torch.Tensor):
+            out.append(getattr(owner, attr))
+    return out
+
+
+def _copy(model: nn.Module, replaced: list[torch.Tensor]) -> nn.Module:
+    """``copy.deepcopy(model)`` in which each tensor of ``replaced`` shares its storage with ``model``.
+
+    Compaction slices or folds every such tensor into a new one before anything could write to
+    it, so they are never copied at full size: the peak is the model plus the compacted model,
+    not two models. :func:`_unshare` then makes sure no storage is left in common.
+    """
+    memo: dict[int, object] = {}
+    for tensor in replaced:
+        if type(tensor) in (torch.Tensor, nn.Parameter) and tensor.layout == torch.strided \
+                and tensor.device.type != "meta":
+            memo[id(tensor)] = _alias(tensor)
+    return copy.deepcopy(model, memo)
+
+
+def _alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A new tensor object (own version counter, no grad) viewing ``tensor``'s storage."""
+    with torch.no_grad():
+        shared = torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
+            tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
+    if isinstance(tensor, nn.Parameter):
+        shared = nn.Parameter(shared, requires_grad=tensor.requires_grad)
+    shared.__dict__.update(copy.deepcopy(tensor.__dict__))
+    return shared
+
+
+def _unshare(source: nn.Module, target: nn.Module) -> None:
+    """Give every tensor of ``target`` that still shares storage with ``source`` its own copy."""
+    ptrs = {t.untyped_storage().data_ptr() for t in [*source.parameters(), *source.buffers()] if t.numel()}
+    for module in target.modules():
+        for tensors in (module._parameters, module._buffers):
+            for t in tensors.values():
+                if t is not None and t.numel() and t.untyped_storage().data_ptr() in ptrs:
+                    t.data = t.data.clone()
+
+
+# ---------------------------------------------------------------- folding
+
+
+@dataclass
+class _Fold:
+    """A weight whose gate sites were removed unfolded: its multipliers, to apply after slicing."""
+
+    module: nn.Module
+    attr: str
+    name: str
+    multipliers: list[tuple[int, torch.Tensor]]  # (dim, gate value per position), in chain order
+
+
+def _unparametrize(model: nn.Module) -> list[_Fold]:
+    """Remove every gate parametrization, leaving the weights as they are; return the folds owed."""
+    pending = []
+    for name, module in list(model.named_modules()):
         if not parametrize.is_parametrized(module):
             continue
+        remove_input_gating(module)
         # A deep copy shares the dynamically created Parametrized* class with the original, and
         # removing a parametrization deletes the property from that class: give this instance its
         # own class first, or the gated model we were given would lose its weights.
@@ -154,9 +243,38 @@ def _fold_gates(model: nn.Module) -> None:
         module.__class__ = type(cls.__name__, cls.__bases__, {
             k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")})
         for attr in list(module.parametrizations.keys()):
-            if any(isinstance(p, GateSite) for p in module.parametrizations[attr]):
-                with torch.no_grad():
+            chain = module.parametrizations[attr]
+            if not any(isinstance(p, GateSite) for p in chain):
+                continue
+            with torch.no_grad():
+                if all(isinstance(p, GateSite) for p in chain) and chain.is_tensor:
+                    mults = [(site.dim, site.values().detach()) for site in chain]
+                    parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+                    pending.append(_Fold(module, attr, f"{name}.{attr}" if name else attr, mults))
+                else:  # another parametrization in the chain: fold the whole chain at full size
                     parametrize.remove_parametrizations(module, attr, leave_parametrized=True)
+    return pending
+
+
+def _fold(pending: list[_Fold], kept: dict[str, dict[str, list[int]]]) -> None:
+    """Multiply each (already sliced) weight by its gates' values at the positions it kept."""
+    with torch.no_grad():
+        for fold in pending:
+            weight = getattr(fold.module, fold.attr)
+            folded = weight
+            for dim, values in fold.multipliers:
+                positions = kept.get(fold.name, {}).get(str(dim))
+                if positions is not None:
+                    values = values[torch.as_tensor(positions, dtype=torch.long, device=values.device)]
+                shape = [1] * weight.ndim
+                shape[dim] = -1
+                folded = folded * values.to(weight.dtype).view(shape)
+            weight.set_(folded)  # out of place: in a copy, ``weight`` may still view the gated model
+
+
+def _fold_gates(model: nn.Module) -> None:
+    """Bake every gate site into its weight (W * g), leaving plain parameters at full size."""
+    _fold(_unparametrize(model), {})
 
 
 def check_equivalence(gated: nn.Module, compact: nn.Module, state: SparsityState, rtol: float) -> float:

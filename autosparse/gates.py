@@ -11,9 +11,11 @@ receives gradient through the softmax normalisation, so it can come back. The pe
 l_p norm (0 < p < 1) of the shares, which is smallest when few shares carry the mass.
 
 The gate multiplies the *input columns of the weights that consume the units* (a gate site),
-through :mod:`torch.nn.utils.parametrize`: ``W_eff = W * g[index]``. That is one weight-sized
-multiply per step instead of an activation-sized one, and folding it into the weights at
-compaction is exact because the consumer is linear in its inputs.
+through :mod:`torch.nn.utils.parametrize`: ``W_eff = W * g[index]``. Folding it into the weights at
+compaction is exact because the consumer is linear in its inputs. A plain ``Linear``/``ConvNd``
+consumer whose input is smaller than its weight (late CNN stages) gates the input instead,
+``f(x * g, W) == f(x, W * g)``, which costs an activation-sized multiply instead of a weight-sized
+one; see :func:`gate_inputs`.
 """
 
 from __future__ import annotations
@@ -91,6 +93,10 @@ class GateSite(nn.Module):
     ``index[i]`` points into the concatenation of the gates' values followed by a single 1
     (positions that no gate controls). The gates are held without registering them as
     submodules, so the model's state_dict has each gate once, under ``autosparse_gates``.
+
+    ``on_input`` is True only while the consumer's forward runs on an input that
+    :class:`_GateInput` already multiplied by the gate; the weight is then returned unchanged.
+    Everywhere else (other readers of the weight, folding, ``training``) it reads ``W * g``.
     """
 
     def __init__(self, gates: Sequence[Gate], index: np.ndarray, dim: int, ndim: int) -> None:
@@ -98,14 +104,116 @@ class GateSite(nn.Module):
         object.__setattr__(self, "gates", list(gates))
         self.register_buffer("index", torch.as_tensor(index, dtype=torch.long), persistent=False)
         self.dim, self.ndim = dim, ndim
+        # One gate over every position in order (most sites): its values are the multiplier, no
+        # cat + gather (whose backward is a scatter) needed.
+        self.whole = len(self.gates) == 1 and np.array_equal(np.asarray(index), np.arange(self.gates[0].size))
+        self.on_input = False
+
+    def __setstate__(self, state: dict) -> None:
+        state.setdefault("whole", False)  # sites pickled before these attributes existed
+        state.setdefault("on_input", False)
+        super().__setstate__(state)
+
+    def values(self) -> torch.Tensor:
+        """The gate value of every position along ``dim`` (fp32, 1-D)."""
+        if self.whole:
+            return self.gates[0].values().to(self.index.device)
+        ones = torch.ones(1, device=self.index.device)
+        values = torch.cat([g.values().to(ones.device) for g in self.gates] + [ones])
+        return values[self.index]
 
     def multiplier(self) -> torch.Tensor:
-        parts = [g.values() for g in self.gates]
-        ones = torch.ones(1, device=self.index.device)
-        values = torch.cat([p.to(ones.device) for p in parts] + [ones])
         shape = [1] * self.ndim
         shape[self.dim] = -1
-        return values[self.index].view(shape)
+        return self.values().view(shape)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self.on_input:
+            return weight
         return weight * self.multiplier().to(weight.dtype)
+
+
+# The forwards that read ``weight`` exactly once, as ``f(x, weight)`` with x's channels along one dim
+# (value: number of trailing spatial dims after the channel dim; -1 for a Linear's last dim).
+_INPUT_GATEABLE = {nn.Linear.forward: -1, nn.Conv1d.forward: 1, nn.Conv2d.forward: 2, nn.Conv3d.forward: 3}
+
+
+def _weight_sites(module: nn.Module) -> list[nn.Module]:
+    """The parametrizations of ``module.weight`` (empty when it has none)."""
+    chains = getattr(module, "parametrizations", None)
+    return list(chains["weight"]) if chains is not None and "weight" in chains else []
+
+
+def _input_site(module: nn.Module) -> GateSite | None:
+    """The gate site on ``module.weight``'s input dim, if input gating is exact for this module."""
+    if type(module).forward not in _INPUT_GATEABLE or getattr(module, "groups", 1) != 1:
+        return None
+    chain = _weight_sites(module)
+    if not all(isinstance(p, GateSite) for p in chain):
+        return None  # another parametrization does not commute with moving the gate to the input
+    return next((p for p in chain if p.dim == 1), None)
+
+
+class _GateInput:
+    """Forward pre-hook: multiply the input by the gate when that is cheaper than the weight.
+
+    Decided per call, because the input's size depends on the batch and resolution, which the
+    capture (one example) does not know. A plain object, so the hook survives deepcopy and pickle.
+    """
+
+    def __init__(self, spatial: int) -> None:
+        self.spatial = spatial
+
+    def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
+        site = _input_site(module)
+        x = args[0] if args else None
+        if site is None or not isinstance(x, torch.Tensor) or x.ndim < self.spatial + 1:
+            return None  # an fx Proxy while tracing, a keyword input, ...: the weight stays gated
+        channel = -1 if self.spatial < 0 else x.ndim - self.spatial - 1
+        original = module.parametrizations["weight"].original
+        if x.numel() >= original.numel() or x.shape[channel] != original.shape[1]:
+            return None
+        site.on_input = True
+        shape = [-1] + [1] * max(self.spatial, 0)
+        return (x * site.values().to(x.dtype).view(shape), *args[1:])
+
+
+class _EndGateInput:
+    """Forward hook (always called, also on error): the weight is gated again outside the forward."""
+
+    def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
+        for site in _weight_sites(module):
+            if isinstance(site, GateSite):
+                site.on_input = False
+
+
+def gate_inputs(model: nn.Module) -> int:
+    """Let every plain ``Linear``/``ConvNd`` consumer gate its input when that is cheaper.
+
+    Exact: the consumer is linear in its input and reads its weight once, so ``f(x * g, W)`` is
+    ``f(x, W * g)`` and gamma gets the same gradient. Idempotent. Returns the number of modules.
+    """
+    count = 0
+    for module in model.modules():
+        if _input_site(module) is None:
+            continue
+        count += 1
+        if any(isinstance(h, _GateInput) for h in module._forward_pre_hooks.values()):
+            continue
+        module.register_forward_pre_hook(_GateInput(_INPUT_GATEABLE[type(module).forward]))
+        module.register_forward_hook(_EndGateInput(), prepend=True, always_call=True)
+    return count
+
+
+def remove_input_gating(module: nn.Module) -> None:
+    """Drop the hooks of :func:`gate_inputs` from one module (before its gates are folded away)."""
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if isinstance(hook, _GateInput):
+            del module._forward_pre_hooks[key]
+    for key, hook in list(module._forward_hooks.items()):
+        if isinstance(hook, _EndGateInput):
+            del module._forward_hooks[key]
+            module._forward_hooks_always_called.pop(key, None)
+    for site in _weight_sites(module):
+        if isinstance(site, GateSite):
+            site.on_input = False
