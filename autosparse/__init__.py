@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from autosparse import training
 from autosparse.api import compact, gates, penalty, sparsify
+from autosparse.checkpoints import load_gated_state
 from autosparse.errors import (
     AlreadySparsifiedError,
     AutosparseError,
@@ -28,7 +29,7 @@ from autosparse.explain import explain
 from autosparse.exporter import export
 from autosparse.gates import Gate
 from autosparse.hard_concrete import HardConcreteGate
-from autosparse.io import load, load_gated_state, save
+from autosparse.io import load, save
 from autosparse.logger import GateLogger
 from autosparse.policy import Policy, load_policy
 from autosparse.reporting import report
