@@ -56,18 +56,20 @@ def remove_branches(gated: nn.Module, target: nn.Module, state: SparsityState,
 
 
 def _drop_empty_layers(target: nn.Module, state: SparsityState, replaced: set[str]) -> list[str]:
-    """A list entry whose every branch is gone computes ``x -> x``: take it out of its ModuleList."""
-    all_branches: dict[str, list[str]] = {}
-    for gg in state.plan.gated:
-        for b in gg.branches:
-            all_branches.setdefault(b.parent, []).append(b.module)
+    """A list entry whose every branch is gone computes ``x -> x``: take it out of its ModuleList.
+
+    Only when the analysis found that the entry is nothing but its residual adds (``Branch.stream``)
+    and all of them are gone: a post-activation block still computes ``relu(x)``, and a branch no
+    rule gated still runs."""
+    streams = {b.parent: b.stream for gg in state.plan.gated for b in gg.branches}
     dropped = []
-    for parent, children in all_branches.items():
+    for parent, stream in streams.items():
         owner_name, _, index = parent.rpartition(".")
-        if not index.isdigit() or not all(c in replaced for c in children):
+        if not index.isdigit() or not stream or not all(c in replaced for c in stream):
             continue
         owner = target.get_submodule(owner_name)
-        if isinstance(owner, nn.ModuleList):
+        # a stack of like layers only: a mixed list (T5's [attention, feed-forward]) is read by position
+        if isinstance(owner, nn.ModuleList) and len({type(m) for m in owner}) == 1:
             dropped.append(parent)
     for parent in sorted(dropped, key=lambda p: -int(p.rpartition(".")[2])):
         owner_name, _, index = parent.rpartition(".")
