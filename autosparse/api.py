@@ -12,7 +12,6 @@ from torch.nn.utils import parametrize
 
 from autosparse.analysis import DEFAULT_RULES, analyze
 from autosparse.analysis.branches import find_branches
-from autosparse.mha import traceable_attention
 from autosparse.analysis.registry import Handler, RuleKey
 from autosparse.capture import call_kwargs, capture
 from autosparse.compaction import compact_model
@@ -60,8 +59,7 @@ def sparsify(
             f"{type(model).__name__} is already sparsified; compact it or start from the original model"
         )
     rules = DEFAULT_RULES.extended(op_rules)  # validates user rules before any work
-    with traceable_attention(model):  # nn.MultiheadAttention heads: see autosparse.mha
-        captured = capture(model, example_inputs)
+    captured = capture(model, example_inputs)
     wants_layers = any(str(r.granularity) == "layer" for r in policy.rules)
     branches = find_branches(captured, model) if wants_layers else []
     plan = make_plan(policy, analyze(captured, rules), model, branches)

@@ -18,6 +18,7 @@ import torch
 from torch import fx, nn
 
 from autosparse.errors import CaptureError, ExampleInputsError
+from autosparse.mha import traceable_attention
 
 
 @dataclass
@@ -26,7 +27,7 @@ class Capture:
 
     graph: fx.Graph
     kind: str  # "fx" (symbolic_trace) or "export" (torch.export, aten ops)
-    root: nn.Module | None  # the GraphModule whose submodules a "fx" graph's call_module targets
+    root: nn.Module | None  # the module whose submodules a "fx" graph's call_module nodes target
     tensor_names: dict[str, str] = field(default_factory=dict)  # node name -> parameter/buffer FQN
     seconds: float = 0.0
     model: nn.Module | None = None  # the captured model itself (module attributes, never mutated)
@@ -94,6 +95,11 @@ def call_kwargs(model: nn.Module) -> dict[str, Any]:
 
 
 def _check_runs(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]) -> None:
+    """Raise a clear :class:`ExampleInputsError` if the model itself fails on the inputs.
+
+    Called before torch.export (which runs on fake tensors: it never sees values, e.g. token ids
+    outside the vocabulary) and after a failed fx capture (whose shape pass is a real forward).
+    """
     try:
         with torch.no_grad():
             model(*inputs, **kwargs)
@@ -106,16 +112,49 @@ def _check_runs(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]) -> None
 
 
 def _trace_fx(model: nn.Module, inputs: tuple) -> Capture:
-    from torch.fx.passes.shape_prop import ShapeProp
+    """symbolic_trace's graph, with every node's output shape from one real forward.
 
-    gm = fx.symbolic_trace(model)
+    The model itself is the graph's root (call_module targets are its paths): building a
+    GraphModule would only generate and compile Python code that is never run. The shape pass is
+    ``ShapeProp``'s per-node metadata on an Interpreter over the model.
+    """
+    from torch.fx.passes.shape_prop import _extract_tensor_metadata
+
+    class _Shapes(fx.Interpreter):
+        def run_node(self, node: fx.Node) -> Any:
+            result = super().run_node(node)
+            found = False
+
+            def meta(value: Any) -> Any:
+                nonlocal found
+                if isinstance(value, torch.Tensor):
+                    found = True
+                    return _extract_tensor_metadata(value)
+                return value
+
+            shapes = fx.node.map_aggregate(result, meta)
+            if found:
+                node.meta["tensor_meta"] = shapes
+            return result
+
+    graph = fx.Tracer().trace(model)
+    shapes = _Shapes(model, graph=graph)
     with torch.no_grad():
-        ShapeProp(gm).propagate(*inputs)
-    return Capture(gm.graph, "fx", gm)
+        shapes.run(*inputs)
+    if next(shapes.args_iter, _Shapes) is not _Shapes:  # an Interpreter ignores surplus inputs; forward not
+        raise TypeError(f"forward takes fewer than the {len(inputs)} example inputs given")
+    return Capture(graph, "fx", model)
 
 
 def _trace_export(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]) -> Capture:
-    program = torch.export.export(model, inputs, kwargs=kwargs or None, strict=False)
+    import torch.fx.config as fx_config
+
+    # Analysis never reads node.stack_trace; recording it for every node costs ~25 % of export.
+    saved, fx_config.do_not_emit_stack_traces = fx_config.do_not_emit_stack_traces, True
+    try:
+        program = torch.export.export(model, inputs, kwargs=kwargs or None, strict=False)
+    finally:
+        fx_config.do_not_emit_stack_traces = saved
     sig = program.graph_signature
     names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
     names.update(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
@@ -140,23 +179,33 @@ def capture(model: nn.Module, example_inputs: Any) -> Capture:
     kwargs = call_kwargs(model)
     modes = {m: m.training for m in model.modules()}
     start = time.perf_counter()
-    errors: list[str] = []
     try:
         model.eval()
-        _check_runs(model, inputs, kwargs)
-        attempts = [] if _is_hf(model) or kwargs else [("torch.fx.symbolic_trace", lambda: _trace_fx(model, inputs))]
-        attempts.append(("torch.export", lambda: _trace_export(model, inputs, kwargs)))
-        for name, attempt in attempts:
-            try:
-                result = attempt()
-                result.model = model
-                result.seconds = time.perf_counter() - start
-                return result
-            except Exception as exc:  # tracer failures come in many types; each is reported below
-                errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        with traceable_attention(model):  # lets the tracers see nn.MultiheadAttention's heads
+            result = _first_capture(model, inputs, kwargs)
     finally:
         for module, mode in modes.items():
             module.training = mode
+    result.model = model
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _first_capture(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]) -> Capture:
+    """The first tracer that succeeds; :class:`CaptureError` listing every failure otherwise."""
+    errors: list[str] = []
+    # Every successful capture has run the model on the real inputs once: the fx shape pass is
+    # that forward; torch.export only sees fake tensors, so it gets a real forward first.
+    fx_first = not (_is_hf(model) or kwargs)
+    attempts = [("torch.fx.symbolic_trace", lambda: _trace_fx(model, inputs))] if fx_first else []
+    attempts.append(("torch.export", lambda: _trace_export(model, inputs, kwargs)))
+    for name, attempt in attempts:
+        if name == "torch.export":
+            _check_runs(model, inputs, kwargs)  # bad inputs: a clear error, not a tracer's
+        try:
+            return attempt()
+        except Exception as exc:  # tracer failures come in many types; each is reported below
+            errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     raise CaptureError(
         f"could not capture {type(model).__name__}: " + "; ".join(errors) + ". "
         "Make data-dependent control flow static (or move it out of forward), or check that "

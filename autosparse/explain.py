@@ -9,7 +9,6 @@ from torch import nn
 
 from autosparse.analysis import Analysis, analyze
 from autosparse.capture import capture
-from autosparse.mha import traceable_attention
 from autosparse.state import get_state, is_sparsified
 
 
@@ -79,8 +78,7 @@ def explain(model: nn.Module, *, example_inputs: tuple | None = None) -> Explana
         kept = {gg.name: gate.kept() for gg, gate in zip(state.plan.gated, state.gate_list())}
         skipped = state.plan.skipped
     else:
-        with traceable_attention(model):
-            analysis = analyze(capture(model, example_inputs))
+        analysis = analyze(capture(model, example_inputs))
         kept, skipped = {}, []
     report = _report(analysis, kept)
     if is_sparsified(model):

@@ -65,23 +65,10 @@ def average_over_heads(weights: torch.Tensor) -> torch.Tensor:
 def average_rule(ctx) -> None:
     """Analysis rule for :func:`average_over_heads`: a used head average pins the heads."""
     label = ctx.label(ctx.arg(0))
-    if label is not None and _reaches_output(ctx.node):
+    if label is not None and ctx.state.reaches_output(ctx.node):
         ctx.block(label, "nn.MultiheadAttention's attention weights averaged over heads are used "
                          "(need_weights=True); call it with need_weights=False to prune its heads")
     ctx.output(None)
-
-
-def _reaches_output(node: fx.Node) -> bool:
-    seen, todo = set(), [node]
-    while todo:
-        current = todo.pop()
-        if current.op == "output":
-            return True
-        for user in current.users:
-            if user not in seen:
-                seen.add(user)
-                todo.append(user)
-    return False
 
 
 class PrunedMultiheadAttention(nn.MultiheadAttention):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import operator
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 from torch import nn
 
 from autosparse.errors import PlanMismatchError
+from autosparse.mha import disable_nested_fast_path
 from autosparse.surgery import fix_attention, fix_attributes, slice_tensor
 
 Shapes = dict[str, tuple[int, ...]]
@@ -72,24 +74,42 @@ def moved(name: str, replaced: Sequence[str] = (), dropped: Sequence[str] = ()) 
     return name
 
 
-def _tensor(model: nn.Module, name: str) -> torch.Tensor | None:
-    owner_name, _, attr = name.rpartition(".")
-    try:
-        owner = model.get_submodule(owner_name)
-    except AttributeError:
-        return None
-    value = getattr(owner, attr, None)
+class _Modules:
+    """``model.get_submodule`` by one dict look-up (it walks the path on every call)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.by_name = dict(model.named_modules(remove_duplicate=False))
+
+    def get(self, name: str) -> nn.Module:
+        found = self.by_name.get(name)
+        return found if found is not None else self.model.get_submodule(name)
+
+    def owner(self, name: str) -> tuple[nn.Module | None, str]:
+        """The module holding tensor ``name`` (None if there is none) and the attribute name."""
+        owner_name, _, attr = name.rpartition(".")
+        try:
+            return self.get(owner_name), attr
+        except AttributeError:
+            return None, attr
+
+
+def _tensor(modules: _Modules, name: str) -> torch.Tensor | None:
+    owner, attr = modules.owner(name)
+    value = getattr(owner, attr, None) if owner is not None else None
     return value if isinstance(value, torch.Tensor) else None
 
 
-def check(model: nn.Module, kept: Mapping[str, Mapping[str, list[int]]]) -> None:
+def check(model: nn.Module, kept: Mapping[str, Mapping[str, list[int]]],
+          modules: _Modules | None = None) -> None:
     """Raise :class:`PlanMismatchError` naming the first tensor ``kept`` does not fit; mutates nothing.
 
     Every tensor must exist in ``model``, every dim be in range, and every position list be
     strictly increasing, within the dim's size and non-empty.
     """
+    modules = modules or _Modules(model)
     for name, dims in kept.items():
-        tensor = _tensor(model, name)
+        tensor = _tensor(modules, name)
         if tensor is None:
             raise PlanMismatchError(
                 f"the plan slices tensor '{name}', which {type(model).__name__} does not have; "
@@ -102,7 +122,7 @@ def check(model: nn.Module, kept: Mapping[str, Mapping[str, list[int]]]) -> None
                     f"the plan slices dim {dim} of tensor '{name}', which has shape {tuple(tensor.shape)}"
                 )
             size = tensor.shape[dim]
-            ordered = all(a < b for a, b in zip(positions, positions[1:]))
+            ordered = all(map(operator.lt, positions, positions[1:]))
             if not positions or not ordered or positions[0] < 0 or positions[-1] >= size:
                 raise PlanMismatchError(
                     f"the plan keeps positions {_brief(positions)} of dim {dim} of tensor '{name}', "
@@ -130,19 +150,22 @@ def replay(model: nn.Module, kept: Mapping[str, Mapping[str, list[int]]]) -> Sha
     Example:
         >>> base_shapes = replay(model, small._autosparse_record.kept)
     """
-    check(model, kept)
+    modules = _Modules(model)
+    check(model, kept, modules)
     base = architecture(model)
     old_shapes: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
     for name, dims in kept.items():
-        owner, _, attr = name.rpartition(".")
-        old_shapes[owner].setdefault(attr, tuple(_tensor(model, name).shape))
+        owner_name, _, attr = name.rpartition(".")
+        owner = modules.get(owner_name)
+        old_shapes[owner_name].setdefault(attr, tuple(getattr(owner, attr).shape))
         for dim, positions in dims.items():
-            slice_tensor(model, name, int(dim), torch.as_tensor(positions, dtype=torch.long))
-    for owner, shapes in old_shapes.items():
-        fix_attributes(model.get_submodule(owner), shapes)
+            slice_tensor(owner, attr, int(dim), torch.as_tensor(positions, dtype=torch.long))
+    for owner_name, shapes in old_shapes.items():
+        fix_attributes(modules.get(owner_name), shapes)
     # Head counts live on the module that holds the projections, one level above the sliced weights.
     for parent in dict.fromkeys(owner.rpartition(".")[0] for owner in old_shapes):
-        fix_attention(model.get_submodule(parent))
+        fix_attention(modules.get(parent))
+    disable_nested_fast_path(model)  # an nn.TransformerEncoder over attention that lost heads
     return base
 
 

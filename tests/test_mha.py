@@ -53,6 +53,24 @@ def test_encoder_with_padding_mask_matches_under_and_outside_no_grad(grad: bool)
         assert _rel(net(x, mask=causal), small(x, mask=causal)) <= 1e-5
 
 
+def test_encoder_with_nested_tensor_fast_path_matches_at_real_positions():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, dim_feedforward=64, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2).eval()  # enable_nested_tensor=True, PyTorch's default
+    x = torch.randn(2, 8, 32)
+    net = autosparse.sparsify(model, {"rules": [{"granularity": "head"}]}, example_inputs=(x,))
+    for gate in autosparse.gates(net).values():
+        gate.zero_([1])
+    small = autosparse.compact(net)
+    assert model.use_nested_tensor and not small.use_nested_tensor
+    padding = torch.zeros(2, 8, dtype=torch.bool)
+    padding[0, -3:] = True
+    with torch.no_grad():  # the gated model packs a nested tensor (zeros at padding), the compacted one cannot
+        gated, compacted = net(x, src_key_padding_mask=padding), small(x, src_key_padding_mask=padding)
+    real = ~padding
+    assert _rel(gated[real], compacted[real]) <= 1e-5
+
+
 def test_returned_attention_weights_pin_the_heads():
     class ReturnsWeights(nn.Module):
         def __init__(self) -> None:
@@ -109,6 +127,8 @@ def test_unbatched_inputs_and_the_callers_model_class_are_preserved():
     x = torch.randn(6, 32)  # unbatched (seq, dim): fx cannot branch on rank, torch.export can
     net = autosparse.sparsify(model, HEADS, example_inputs=(x,))
     assert all(type(m) is nn.MultiheadAttention for m in model.modules() if isinstance(m, nn.MultiheadAttention))
+    # export keeps the discarded head average unless dead code is dropped: heads must still be found
+    assert sorted(g.granularity for g in autosparse.gates(net).values()) == ["channel", "channel", "head", "head"]
     for gate in autosparse.gates(net).values():
         gate.zero_([1])
     small = autosparse.compact(net)

@@ -40,6 +40,44 @@ class State:
     members: list[Member] = field(default_factory=list)
     head_elements: set[int] = field(default_factory=set)
     unknown: list[str] = field(default_factory=list)
+    modules: dict[fx.Node, torch.nn.Module | None] = field(default_factory=dict)  # memo of module()
+
+    live: set[fx.Node] | None = None  # nodes whose value can reach an output (see reaches_output)
+
+    def reaches_output(self, node: fx.Node) -> bool:
+        """Whether ``node``'s value can affect the model's outputs.
+
+        A node is live if it is the output, may have side effects (fx's impure ops, and any
+        method or op whose name ends in ``_``: in-place), or feeds a live node. A dead value still
+        runs in the eager model, so its ops must stay shape-consistent; only constraints on its
+        *values* (a reduction over channels) can be skipped.
+        """
+        if self.live is None:
+            self.live = set()
+            for n in reversed(self.capture.graph.nodes):
+                if n.op == "output" or _may_mutate(n) or any(u in self.live for u in n.users):
+                    self.live.add(n)
+        return node in self.live
+
+    def module(self, node: fx.Node) -> torch.nn.Module | None:
+        """The module a call_module node calls (memoised: rules ask several times per node)."""
+        if node.op != "call_module":
+            return None
+        if node not in self.modules:
+            self.modules[node] = self.capture.module(node)
+        return self.modules[node]
+
+
+def _may_mutate(node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return True  # a module may keep state (BatchNorm statistics, caches)
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    trailing = str(name).split(".")[0] if "." in str(name) else str(name)
+    try:
+        impure = node.is_impure()
+    except Exception:  # is_impure inspects the target; unknown targets count as impure
+        impure = True
+    return impure or (trailing.endswith("_") and not trailing.endswith("__"))
 
 
 class OpContext:
@@ -78,7 +116,7 @@ class OpContext:
         return self.state.capture.tensor_name(value)
 
     def module(self) -> torch.nn.Module | None:
-        return self.state.capture.module(self.node)
+        return self.state.module(self.node)
 
     def module_param(self, attr: str) -> str | None:
         """FQN of ``attr`` on a call_module node's module, if it is a tensor there."""

@@ -57,7 +57,7 @@ def walk(capture: Capture, rules: Registry) -> State:
 
             output(ctx)
             continue
-        handler = rules.lookup(node.op, node.target, capture.module(node))
+        handler = rules.lookup(node.op, node.target, state.module(node))
         if handler is None and _is_pointwise_aten(node.target):
             from autosparse.analysis.ops_tensor import pointwise as handler
         if handler is None:
@@ -110,7 +110,12 @@ def _op_name(node: fx.Node) -> str:
 
 
 def build_groups(state: State) -> Analysis:
-    """Resolve classes, unite tied tensors, and collect prunable groups with their gate sites."""
+    """Resolve classes, unite tied tensors, and collect prunable groups with their gate sites.
+
+    Every step is an array operation over element ids (a ResNet-50 has ~27k elements, BERT-base
+    ~120k): the union-find is frozen after the tied tensors are united, so one root array
+    resolves every member.
+    """
     elements = state.elements
     by_tensor: dict[tuple[str, int], list[Member]] = defaultdict(list)
     for m in state.members:
@@ -121,69 +126,82 @@ def build_groups(state: State) -> Analysis:
                 elements.union_arrays(same[0].ids, other.ids)
             else:
                 elements.block(np.concatenate([same[0].ids, other.ids]), f"'{other.name}' used with two sizes")
-    members = [Member(m.name, m.dim, elements.find_all(m.ids), m.role, m.where) for m in state.members]
-    consumed = {int(r) for m in members if m.role == "consumer" for r in np.unique(m.ids)}
-    # Units compete within a group when one producer writes them: unite roots per producer.
-    group_of: dict[int, int] = {}
-    producer_roots: list[tuple[Member, list[int]]] = []
-    for m in members:
-        if m.role != "producer":
-            continue
-        roots = [int(r) for r in dict.fromkeys(m.ids.tolist())]
-        producer_roots.append((m, roots))
-        anchor = group_of.setdefault(roots[0], roots[0])
-        for r in roots:
-            _merge(group_of, anchor, r)
-    return _assemble(state, members, consumed, group_of, producer_roots)
-
-
-def _merge(group_of: dict[int, int], a: int, b: int) -> None:
-    ra, rb = _gfind(group_of, a), _gfind(group_of, b)
-    if ra != rb:
-        group_of[max(ra, rb)] = min(ra, rb)
-
-
-def _gfind(group_of: dict[int, int], x: int) -> int:
-    group_of.setdefault(x, x)
-    while group_of[x] != x:
-        group_of[x] = group_of[group_of[x]]
-        x = group_of[x]
-    return x
-
-
-def _assemble(state, members, consumed, group_of, producer_roots) -> Analysis:
-    elements = state.elements
-    heads = {elements.find(e) for e in state.head_elements}
-    units: dict[int, dict[int, None]] = defaultdict(dict)  # ordered sets
-    producers: dict[int, list[str]] = defaultdict(list)
-    for m, roots in producer_roots:
-        g = _gfind(group_of, roots[0])
-        owner = m.name.rsplit(".", 1)[0]
-        if owner not in producers[g]:
-            producers[g].append(owner)
-        units[g].update(dict.fromkeys(roots))
-    group_of_root = {r: g for g, roots in units.items() for r in roots}
-    sites_of: dict[int, list[Member]] = defaultdict(list)
+    root_of = elements.roots()
+    members = [Member(m.name, m.dim, root_of[np.asarray(m.ids, dtype=np.int64)], m.role, m.where)
+               for m in state.members]
+    consumed = np.zeros(len(root_of), dtype=bool)
     for m in members:
         if m.role == "consumer":
-            for g in {group_of_root.get(int(r)) for r in np.unique(m.ids)} - {None}:
-                sites_of[g].append(m)
+            consumed[m.ids] = True
+    producers = [(m, _ordered_unique(m.ids)) for m in members if m.role == "producer"]
+    return _assemble(state, root_of, members, consumed, producers, _producer_groups(producers, len(root_of)))
+
+
+def _ordered_unique(ids: np.ndarray) -> np.ndarray:
+    """Distinct values of ``ids`` in order of first appearance."""
+    _, first = np.unique(ids.reshape(-1), return_index=True)
+    return ids.reshape(-1)[np.sort(first)]
+
+
+def _producer_groups(producers: list[tuple[Member, np.ndarray]], n_elements: int) -> list[int]:
+    """Units compete within a group when one producer writes them: producers sharing a class root
+    form one group. Returns each producer's group as the index of the group's first producer."""
+    group = list(range(len(producers)))
+
+    def find(i: int) -> int:
+        while group[i] != i:
+            group[i] = group[group[i]]
+            i = group[i]
+        return i
+
+    claimed = np.full(n_elements, -1, dtype=np.int64)  # root -> a producer that writes it
+    for i, (_, roots) in enumerate(producers):
+        for j in np.unique(claimed[roots]).tolist():
+            if j >= 0:
+                a, b = find(i), find(j)
+                group[max(a, b)] = min(a, b)
+        claimed[roots] = i
+    return [find(i) for i in range(len(producers))]
+
+
+_UNCONSUMED = "no weight consumes these channels (nothing to gate)"
+
+
+def _assemble(state, root_of, members, consumed, producers, group_of) -> Analysis:
+    """One :class:`Group` per producer group (in order of its first producer), with its sites."""
+    blocked_roots = state.elements.blocked_roots()
+    heads = np.zeros(len(root_of), dtype=bool)
+    heads[root_of[np.fromiter(state.head_elements, dtype=np.int64, count=len(state.head_elements))]] = True
+    parts: dict[int, list[np.ndarray]] = defaultdict(list)
+    owners: dict[int, list[str]] = defaultdict(list)
+    for (m, roots), g in zip(producers, group_of):
+        owner = m.name.rsplit(".", 1)[0]
+        if owner not in owners[g]:
+            owners[g].append(owner)
+        parts[g].append(roots)
+    units = {g: _ordered_unique(np.concatenate(p)) for g, p in parts.items()}
+    group_index = np.full(len(root_of), -1, dtype=np.int64)  # root -> position in ``units``
+    for k, roots in enumerate(units.values()):
+        group_index[roots] = k
+    sites: list[list[Member]] = [[] for _ in units]
+    for m in members:
+        if m.role == "consumer":
+            for k in np.unique(group_index[m.ids]).tolist():
+                if k >= 0:
+                    sites[k].append(m)
+    is_blocked = np.zeros(len(root_of), dtype=bool)
+    is_blocked[np.fromiter(blocked_roots, dtype=np.int64, count=len(blocked_roots))] = True
+    is_blocked[FIXED] = True
     groups, unprunable = [], []
-    for g, ordered in units.items():
-        roots = list(ordered)
-        blocked = {}
-        for r in roots:
-            reasons = elements.blocked_reasons(r)
-            if reasons or r == FIXED:
-                blocked[r] = reasons
-            elif r not in consumed:
-                blocked[r] = ["no weight consumes these channels (nothing to gate)"]
-        free = [r for r in roots if r not in blocked]
-        name = producers[g][0] if producers[g] else f"group{g}"
-        granularity = "head" if any(r in heads for r in free) else "channel"
-        groups.append(Group(name, granularity, roots, producers[g], sites_of[g], blocked))
+    for k, (g, roots) in enumerate(units.items()):
+        out = is_blocked[roots] | ~consumed[roots]
+        blocked = {r: blocked_roots.get(r, []) if is_blocked[r] else [_UNCONSUMED] for r in roots[out].tolist()}
+        free = roots[~out]
+        name = owners[g][0]
+        granularity = "head" if heads[free].any() else "channel"
+        groups.append(Group(name, granularity, roots.tolist(), owners[g], sites[k], blocked))
         if len(free) < 2:
-            reasons = list(dict.fromkeys(why for r in roots for why in blocked.get(r, [])))
+            reasons = list(dict.fromkeys(why for r in roots.tolist() for why in blocked.get(r, [])))
             reasons = [w for w in reasons if w != "not produced by a prunable weight"] or reasons
             why = "; ".join(reasons[:3]) if reasons else "a single unit cannot be sparsified by a normalised gate"
             unprunable.append((name, why))

@@ -35,10 +35,10 @@ def normalize(elements: Elements, ids: np.ndarray, reason: str) -> Label | None:
     only varying dims have to be fused away entirely, the caller decides (see ``fuse_dims``).
     """
     varying = []
+    roots = elements.find_all(ids)
     for d in range(ids.ndim):
         if ids.shape[d] == 1:
             continue
-        roots = elements.find_all(ids)
         first = np.take(roots, [0], axis=d)
         if not np.all(roots == first):
             varying.append(d)
@@ -58,9 +58,7 @@ def fuse_dims(elements: Elements, ids: np.ndarray, dims: list[int], reason: str)
         elements.block(ids, reason)
         return np.take(ids, [0] * 1, axis=dims[0]) if dims else ids
     moved = np.moveaxis(ids, dims, list(range(ids.ndim - len(dims), ids.ndim)))
-    rows = moved.reshape(-1, int(np.prod([ids.shape[d] for d in dims])))
-    for row in rows:
-        elements.fuse(row)
+    elements.fuse_rows(moved.reshape(-1, int(np.prod([ids.shape[d] for d in dims]))))
     return np.take(ids, [0], axis=dims[0]) if len(dims) == 1 else ids
 
 
@@ -110,8 +108,8 @@ def reshape_label(
         for d in gj:
             view[d] = dst[d]
         full = ids.reshape(view)
-        before = len(set(elements.find_all(label.ids).tolist()))
+        before = len(np.unique(elements.find_all(label.ids)))
         out = normalize(elements, full, reason)
-        after = 0 if out is None else len(set(elements.find_all(out.ids).tolist()))
+        after = 0 if out is None else len(np.unique(elements.find_all(out.ids)))
         return out, after < before
     return label, False

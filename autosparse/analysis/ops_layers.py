@@ -60,8 +60,7 @@ def grouped_conv(ctx: OpContext, x, weight: str | None, bias: str | None, groups
     n_in = ctx.shape(x)[1]
     ids = np.full(n_in, FIXED, np.int64) if ids is None else ids
     out = ctx.new(n_out)
-    for group_in, group_out in zip(ids.reshape(groups, -1), out.reshape(groups, -1)):
-        ctx.elements.fuse(np.concatenate([group_in, group_out]))
+    ctx.elements.fuse_rows(np.concatenate([ids.reshape(groups, -1), out.reshape(groups, -1)], axis=1))
     ctx.member(weight, 0, out, "producer")
     ctx.member(bias, 0, out, "producer")
     ctx.output(Label(1, out))
@@ -258,8 +257,7 @@ def group_norm(ctx: OpContext) -> None:
     if groups == 1:
         ctx.block(Label(1, ids), "GroupNorm with one group (normalises every channel together)")
         return ctx.output(None)
-    for row in ids.reshape(groups, -1):
-        ctx.elements.fuse(row)
+    ctx.elements.fuse_rows(ids.reshape(groups, -1))
     for name in names:
         ctx.member(name, 0, ids, "follower")
     ctx.output(Label(1, ids))
@@ -302,8 +300,7 @@ def pixel_shuffle(ctx: OpContext) -> None:
         return ctx.output(None)
     block = ctx.shape(x)[1] // ctx.shape()[1]
     rows = ids.reshape(-1, block)
-    for row in rows:
-        ctx.elements.fuse(row)
+    ctx.elements.fuse_rows(rows)
     ctx.output(Label(1, rows[:, 0].copy()))
 
 
