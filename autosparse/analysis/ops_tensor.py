@@ -410,6 +410,7 @@ _POINTWISE_FUNCS = [
     torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.exp, torch.log,
     torch.sqrt, torch.rsqrt, torch.abs, torch.clamp, torch.where, torch.maximum, torch.minimum,
     torch.sin, torch.cos, torch.tanh, torch.sigmoid, torch.relu, torch.erf, torch.square,
+    torch.reciprocal, torch.log1p, torch.expm1, torch.sign,
     F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid, F.leaky_relu,
     F.elu, F.mish, F.softplus, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
 ]
@@ -418,6 +419,8 @@ _POINTWISE_METHODS = [
     "sigmoid", "tanh", "relu", "add_", "mul_", "sub_", "div_", "relu_", "sigmoid_", "masked_fill",
     "float", "half", "bfloat16", "double", "to", "type", "type_as", "contiguous", "clone", "detach",
     "__add__", "__mul__", "__sub__", "__truediv__", "__radd__", "__rmul__",
+    "square", "reciprocal", "clamp_min", "clamp_max", "sin", "cos", "erf", "log1p", "expm1", "sign",
+    "maximum", "minimum", "exp_", "clamp_", "tanh_", "square_",
 ]
 _IDENTITY_ATEN = [
     aten.dropout, aten.alias, aten.clone, aten.contiguous, aten.to, aten._to_copy, aten.detach,
