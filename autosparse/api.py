@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 from autosparse.analysis import DEFAULT_RULES, analyze
 from autosparse.analysis.branches import find_branches
 from autosparse.analysis.registry import Handler, RuleKey
-from autosparse.capture import call_kwargs, capture
+from autosparse.capture import call_kwargs, capture, normalize_inputs
 from autosparse.compaction import compact_model
 from autosparse.errors import AlreadySparsifiedError, ExampleInputsError
 from autosparse.gates import Gate, GateSite, gate_inputs
@@ -64,7 +64,7 @@ def sparsify(
     branches = find_branches(captured, model) if wants_layers else []
     plan = make_plan(policy, analyze(captured, rules), model, branches)
     target = model if inplace else copy.deepcopy(model)
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    inputs = normalize_inputs(model, example_inputs)
     kwargs = call_kwargs(model)
     gate_list = _attach(target, plan, policy)
     target.__dict__[STATE_ATTR] = SparsityState(plan, policy, tuple(inputs), kwargs, gate_list)

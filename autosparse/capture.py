@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,7 +71,8 @@ class Capture:
         return f"node '{node.name}'"
 
 
-def _normalize_inputs(model: nn.Module, example_inputs: Any) -> tuple:
+def normalize_inputs(model: nn.Module, example_inputs: Any) -> tuple:
+    """``example_inputs`` as a tuple of positional inputs; a typed error saying what to pass otherwise."""
     if example_inputs is None:
         raise ExampleInputsError(
             f"{type(model).__name__}: example_inputs are required to analyse the model's shapes; "
@@ -78,11 +80,37 @@ def _normalize_inputs(model: nn.Module, example_inputs: Any) -> tuple:
         )
     if isinstance(example_inputs, torch.Tensor):
         return (example_inputs,)
+    if isinstance(example_inputs, Mapping):
+        raise ExampleInputsError(_keyword_inputs_message(model, example_inputs))
     if not isinstance(example_inputs, (tuple, list)):
         raise ExampleInputsError(
             f"example_inputs must be a tuple of positional inputs, got {type(example_inputs).__name__}"
         )
     return tuple(example_inputs)
+
+
+def _keyword_inputs_message(model: nn.Module, given: Mapping) -> str:
+    """Keyword inputs (a tokenizer's output): say which positional tuple to pass instead.
+
+    Decision: example inputs are positional only, because they are stored with saves and
+    checkpoints and replayed by ``compact`` and ``report`` as ``model(*inputs)``.
+    """
+    try:
+        order = [n for n, p in inspect.signature(model.forward).parameters.items()
+                 if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):
+        order = []
+    keys = [str(k) for k in given]
+    unknown = [k for k in keys if k not in order]
+    if unknown or not order:
+        hint = f"{type(model).__name__}.forward has no positional parameter(s) {unknown}"
+    else:
+        last = max(order.index(k) for k in keys)
+        parts = [f"inputs[{n!r}]" if n in keys else "None" for n in order[: last + 1]]
+        tuple_text = f"({parts[0]},)" if len(parts) == 1 else f"({', '.join(parts)})"
+        hint = f"pass example_inputs={tuple_text} in the order of {type(model).__name__}.forward"
+    return (f"example_inputs is a {type(given).__name__} of keyword inputs ({', '.join(keys)}); example inputs "
+            f"are positional (they are stored and replayed as model(*inputs)): {hint}")
 
 
 def call_kwargs(model: nn.Module) -> dict[str, Any]:
@@ -175,7 +203,7 @@ def capture(model: nn.Module, example_inputs: Any) -> Capture:
         ExampleInputsError: inputs missing or not accepted by the model.
         CaptureError: neither torch.fx nor torch.export could capture the model.
     """
-    inputs = _normalize_inputs(model, example_inputs)
+    inputs = normalize_inputs(model, example_inputs)
     kwargs = call_kwargs(model)
     modes = {m: m.training for m in model.modules()}
     start = time.perf_counter()

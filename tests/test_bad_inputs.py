@@ -22,6 +22,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import autosparse
+from tests.zoo import get_case
 from autosparse.errors import (
     AlreadySparsifiedError,
     AutosparseError,
@@ -218,7 +219,8 @@ ROWS = [
     Row("inputs_wrong_shape", inputs((torch.randn(2, 4, 8, 8),)), ExampleInputsError, r"Net fails on .*\(2, 4, 8, 8\)"),
     Row("inputs_wrong_dtype", inputs((torch.ones(2, 3, 8, 8, dtype=torch.long),)), ExampleInputsError,
         r"Net fails on"),
-    Row("inputs_wrong_type", inputs({"x": X}), ExampleInputsError, r"tuple of positional inputs, got dict"),
+    Row("inputs_wrong_type", inputs({"x": X}), ExampleInputsError,
+        r"dict of keyword inputs \(x\).*example_inputs=\(inputs\[.x.\],\)"),
     Row("inputs_too_many", inputs((X, X)), ExampleInputsError, r"Net fails on .*positional argument"),
     Row("op_rule_bad_key", lambda c: autosparse.sparsify(c.model, CHANNEL, example_inputs=(X,), op_rules={3: print}),
         RegistryError, r"rule key 3"),
@@ -358,3 +360,20 @@ def test_compact_validates_rtol(rtol: Any) -> None:
     net = _gated()
     with pytest.raises(AutosparseError, match="rtol"):
         autosparse.compact(net, rtol=rtol)
+
+
+def test_keyword_example_inputs_get_the_positional_tuple_to_pass():
+    model, (ids,) = get_case("hf_bert").build()
+    with pytest.raises(autosparse.ExampleInputsError,
+                       match=r"example_inputs=\(inputs\['input_ids'\], None, inputs\['token_type_ids'\]\)"):
+        autosparse.sparsify(model, "configs/heads.yaml", example_inputs={"input_ids": ids, "token_type_ids": ids * 0})
+    with pytest.raises(autosparse.ExampleInputsError, match=r"no positional parameter\(s\) \['pixels'\]"):
+        autosparse.explain(model, example_inputs={"pixels": ids})
+
+
+def test_a_list_of_example_inputs_is_stored_as_the_positional_tuple():
+    model, (x,) = get_case("plain").build()
+    net = autosparse.sparsify(model, {"rules": [{"granularity": "channel"}]}, example_inputs=[x])
+    autosparse.gates(net)["0.0"].zero_([1])
+    small = autosparse.compact(net)  # verification replays model(*inputs): needs (x,), not ([x],)
+    assert small[0][0].out_channels == 7
