@@ -258,7 +258,7 @@ def _call(net: FuzzNet, i: int, node: Node, xs: list, in_shape: tuple[int, ...],
 
 
 class FuzzNet(nn.Module):
-    """The model of one spec; ``seen[i]`` is the input shape of refused node ``i`` at the last eager run."""
+    """The model of one spec; ``seen[i]`` is the input shape of live refused node ``i`` at the last eager run."""
 
     def __init__(self, spec: Spec) -> None:
         super().__init__()
@@ -274,6 +274,7 @@ class FuzzNet(nn.Module):
                 self.layers[f"n{i}"] = module
         _randomize(self)
         self.seen: dict[int, tuple[int, ...]] = {}
+        self.live = _live(spec)
         self.eval()
 
     def forward(self, x: torch.Tensor):
@@ -283,11 +284,25 @@ class FuzzNet(nn.Module):
         for i, node in enumerate(self.spec.nodes, 1):
             xs = [vals[j] for j in node.inputs]
             in_shape, kind = self._in[node.inputs[0]]
-            if node.op in OPS and OPS[node.op].category != "safe" and not isinstance(xs[0], fx.Proxy):
+            # A refused op whose result is dropped runs on whatever it gets: only live ones must not change
+            if (node.op in OPS and OPS[node.op].category != "safe" and i in self.live
+                    and not isinstance(xs[0], fx.Proxy)):
                 self.seen[i] = tuple(xs[0].shape)
             vals.append(_call(self, i, node, xs, in_shape, kind))
         outs = tuple(vals[j] for j in self.spec.outputs)
         return outs[0] if len(outs) == 1 else outs
+
+
+def _live(spec: Spec) -> set[int]:
+    """Indices of the values some output depends on (0 is the input)."""
+    live, todo = set(), list(spec.outputs)
+    while todo:
+        j = todo.pop()
+        if j not in live:
+            live.add(j)
+            if j > 0:
+                todo.extend(spec.nodes[j - 1].inputs)
+    return live
 
 
 def _randomize(net: nn.Module) -> None:
