@@ -178,11 +178,16 @@ def _trace_export(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]) -> Ca
     import torch.fx.config as fx_config
 
     # Analysis never reads node.stack_trace; recording it for every node costs ~25 % of export.
-    saved, fx_config.do_not_emit_stack_traces = fx_config.do_not_emit_stack_traces, True
+    # The switch exists in recent torch only (not in 2.11); older versions just pay the cost.
+    has_switch = hasattr(fx_config, "do_not_emit_stack_traces")
+    saved = fx_config.do_not_emit_stack_traces if has_switch else None
+    if has_switch:
+        fx_config.do_not_emit_stack_traces = True
     try:
         program = torch.export.export(model, inputs, kwargs=kwargs or None, strict=False)
     finally:
-        fx_config.do_not_emit_stack_traces = saved
+        if has_switch:
+            fx_config.do_not_emit_stack_traces = saved
     sig = program.graph_signature
     names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
     names.update(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})

@@ -7,7 +7,9 @@ are sliced before their gates are folded in, so no full-size folded weight is bu
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -277,13 +279,28 @@ def _fold_gates(model: nn.Module) -> None:
     _fold(_unparametrize(model), {})
 
 
+@contextlib.contextmanager
+def _full_fp32() -> Iterator[None]:
+    """No TF32 while verifying: CUDA convs use it by default, and its ~1e-3 rounding differs between
+    two convs of different widths, so it would hide (or fake) a difference the check is about."""
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
 def check_equivalence(gated: nn.Module, compact: nn.Module, state: SparsityState, rtol: float) -> float:
     """Max abs difference of all outputs relative to the output scale; raises over ``rtol``."""
     from autosparse.state import flatten_outputs, run_model
 
-    ref = flatten_outputs(run_model(gated, state))
+    with _full_fp32():
+        ref = flatten_outputs(run_model(gated, state))
     try:
-        out = flatten_outputs(run_model(compact, state))
+        with _full_fp32():
+            out = flatten_outputs(run_model(compact, state))
     except Exception as exc:  # the compacted forward itself failed: stale attributes or an unknown layout
         raise EquivalenceError(
             f"the compacted model fails on the example inputs ({type(exc).__name__}: {exc}). A module "

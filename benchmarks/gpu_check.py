@@ -1,0 +1,112 @@
+"""Optional CUDA check (run it where a GPU is available; nothing else depends on it).
+
+1. Exactness on the GPU: zoo models sparsified on CUDA, half of every gate zeroed, compacted;
+   compacted vs gated output (relative to the output scale), fp32.
+2. Gate overhead on the GPU: one SGD step of ResNet-50 (batch 32, 224 px) and BERT-base (batch 32,
+   128 tokens), gated vs ungated, timed with CUDA events, alternating, median of 20.
+
+    PYTHONPATH=. python -m benchmarks.gpu_check --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+import autosparse
+from benchmarks.common import base_parser, build, policy_for, stamp, write_result
+from tests.zoo import get_case, output_tensors
+
+ZOO = ["resnet_bottleneck", "mobilenetv2", "densenet", "hf_resnet_basic", "hf_bert", "hf_llama", "hf_gpt2",
+       "mha_block", "torch_encoder", "gqa_block", "hf_swin"]
+
+
+def _rel(a, b) -> float:
+    worst = 0.0
+    for x, y in zip(output_tensors(a), output_tensors(b), strict=True):
+        worst = max(worst, float((x - y).abs().max() / x.abs().max().clamp_min(1e-6)))
+    return worst
+
+
+def exactness(device: str, names: list[str]) -> dict[str, float]:
+    out = {}
+    for name in names:
+        model, inputs = get_case(name).build()
+        model, inputs = model.to(device), tuple(t.to(device) for t in inputs)
+        net = autosparse.sparsify(model, {"rules": [{"granularity": "channel"}, {"granularity": "head"}]},
+                                  example_inputs=inputs)
+        g = torch.Generator().manual_seed(0)
+        for gate in autosparse.gates(net).values():
+            gate.zero_(torch.randperm(gate.size, generator=g)[: gate.size // 2])
+        small = autosparse.compact(net)  # verifies in full fp32 (TF32 off)
+        with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+            out[name] = _rel(net(*inputs), small(*inputs))
+        print(f"{name:20s} compacted vs gated on {device}: {out[name]:.2e}", flush=True)
+    return out
+
+
+def _step_ms(model, batch, loss_of, opt, gated: bool) -> float:
+    if batch.device.type != "cuda":  # the --smoke path on a machine without a GPU
+        return _step_cpu_ms(model, batch, loss_of, opt, gated)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    opt.zero_grad(set_to_none=True)
+    loss = loss_of(model(batch))
+    if gated:
+        loss = loss + autosparse.penalty(model)
+    loss.backward()
+    opt.step()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end)
+
+
+def _step_cpu_ms(model, batch, loss_of, opt, gated: bool) -> float:
+    import time
+
+    start = time.perf_counter()
+    opt.zero_grad(set_to_none=True)
+    loss = loss_of(model(batch)) + (autosparse.penalty(model) if gated else 0.0)
+    loss.backward()
+    opt.step()
+    return (time.perf_counter() - start) * 1e3
+
+
+def overhead(name: str, batch_size: int, device: str, smoke: bool, steps: int = 20) -> dict[str, float]:
+    built = build(name, smoke=smoke, image=224, seq=128)
+    dense = built.model.to(device).train()
+    example = built.make_input(1).to(device)
+    gated = autosparse.sparsify(dense, policy_for(built.family), example_inputs=(example,)).train()
+    batch = built.make_input(batch_size).to(device)
+
+    def loss_of(out):
+        return output_tensors(out)[0].float().square().mean()
+
+    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4) for k, m in (("dense", dense), ("gated", gated))}
+    times = {"dense": [], "gated": []}
+    warmup = 3 if steps > 2 else 0
+    for i in range(steps + warmup):
+        for key, model in (("dense", dense), ("gated", gated)):
+            ms = _step_ms(model, batch, loss_of, opts[key], key == "gated")
+            if i >= warmup:
+                times[key].append(ms)
+    result = {k: statistics.median(v) for k, v in times.items()}
+    result["overhead"] = result["gated"] / result["dense"]
+    print(f"{name}: dense {result['dense']:.1f} ms, gated {result['gated']:.1f} ms, x{result['overhead']:.3f}")
+    return result
+
+
+def main() -> None:
+    args = base_parser(__doc__.splitlines()[0]).parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.backends.cudnn.benchmark = True
+    names, batch, steps = (ZOO[:2], 2, 2) if args.smoke else (ZOO, 32, 20)
+    payload = {"stamp": stamp(), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+               "exactness": exactness(device, names),
+               "overhead": {m: overhead(m, batch, device, args.smoke, steps) for m in ("resnet50", "bert_base")}}
+    write_result("gpu_check", payload, args.out)
+
+
+if __name__ == "__main__":
+    main()
