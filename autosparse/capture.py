@@ -9,9 +9,10 @@ surgery always act on the user's own eager modules; the graph only tells what is
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -174,20 +175,29 @@ def _trace_fx(model: nn.Module, inputs: tuple) -> Capture:
     return Capture(graph, "fx", model)
 
 
-def _trace_export(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]) -> Capture:
+_STACK_TRACE_SWITCH = "do_not_emit_stack_traces"  # in torch.fx.config of recent torch only (not 2.11)
+
+
+@contextlib.contextmanager
+def _no_stack_traces() -> Iterator[None]:
+    """Analysis never reads node.stack_trace; recording it for every node costs ~25 % of export.
+    Where torch has no switch for it, export just pays that cost."""
     import torch.fx.config as fx_config
 
-    # Analysis never reads node.stack_trace; recording it for every node costs ~25 % of export.
-    # The switch exists in recent torch only (not in 2.11); older versions just pay the cost.
-    has_switch = hasattr(fx_config, "do_not_emit_stack_traces")
-    saved = fx_config.do_not_emit_stack_traces if has_switch else None
-    if has_switch:
-        fx_config.do_not_emit_stack_traces = True
+    if not hasattr(fx_config, _STACK_TRACE_SWITCH):
+        yield
+        return
+    saved = getattr(fx_config, _STACK_TRACE_SWITCH)
+    setattr(fx_config, _STACK_TRACE_SWITCH, True)
     try:
-        program = torch.export.export(model, inputs, kwargs=kwargs or None, strict=False)
+        yield
     finally:
-        if has_switch:
-            fx_config.do_not_emit_stack_traces = saved
+        setattr(fx_config, _STACK_TRACE_SWITCH, saved)
+
+
+def _trace_export(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]) -> Capture:
+    with _no_stack_traces():
+        program = torch.export.export(model, inputs, kwargs=kwargs or None, strict=False)
     sig = program.graph_signature
     names = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
     names.update(getattr(sig, "inputs_to_lifted_tensor_constants", {}) or {})
