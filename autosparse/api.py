@@ -20,7 +20,7 @@ from autosparse.gates import Gate, GateSite, gate_inputs
 from autosparse.hard_concrete import HardConcreteGate
 from autosparse.plan import Plan, make_plan
 from autosparse.policy import Policy, load_policy
-from autosparse.state import STATE_ATTR, SparsityState, get_state, is_sparsified
+from autosparse.state import STATE_ATTR, SparsityState, get_state, is_sparsified, unwrap
 
 
 def sparsify(
@@ -63,10 +63,13 @@ def sparsify(
     wants_layers = any(str(r.granularity) == "layer" for r in policy.rules)
     branches = find_branches(captured, model) if wants_layers else []
     plan = make_plan(policy, analyze(captured, rules), model, branches)
-    target = model if inplace else copy.deepcopy(model)
-    inputs = normalize_inputs(model, example_inputs)
-    kwargs = call_kwargs(model)
-    gate_list = _attach(target, plan, policy)
+    # Under torch.inference_mode the copy and the gates would be inference tensors, which can never
+    # be trained; sparsify prepares a model for training, so it opts out of that mode here.
+    with torch.inference_mode(False):
+        target = model if inplace else copy.deepcopy(model)
+        inputs = normalize_inputs(model, example_inputs)
+        kwargs = call_kwargs(model)
+        gate_list = _attach(target, plan, policy)
     target.__dict__[STATE_ATTR] = SparsityState(plan, policy, tuple(inputs), kwargs, gate_list)
     gate_inputs(target)  # the cheaper multiply where an input is smaller than its weight (exact)
     return target
@@ -153,4 +156,4 @@ def compact(model: nn.Module, *, verify: bool = True, inplace: bool = False, rto
     Example:
         >>> small = autosparse.compact(net)
     """
-    return compact_model(model, inplace, verify, rtol)
+    return compact_model(unwrap(model), inplace, verify, rtol)  # a DDP wrapper: its module

@@ -36,10 +36,7 @@ def get_state(model: nn.Module) -> SparsityState:
     """The state of a sparsified model, or a :class:`NotSparsifiedError` that says what to do."""
     if not isinstance(model, nn.Module):
         raise NotSparsifiedError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    inner = getattr(model, "module", None)  # DistributedDataParallel / DataParallel wrappers
-    if STATE_ATTR not in model.__dict__ and isinstance(inner, nn.Module) and STATE_ATTR in inner.__dict__:
-        model = inner
-    state = model.__dict__.get(STATE_ATTR)
+    state = unwrap(model).__dict__.get(STATE_ATTR)
     if state is None:
         raise NotSparsifiedError(
             f"{type(model).__name__} has no autosparse gates; call autosparse.sparsify(model, policy, "
@@ -48,8 +45,17 @@ def get_state(model: nn.Module) -> SparsityState:
     return state
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The sparsified model inside a DistributedDataParallel / DataParallel wrapper, else ``model``."""
+    inner = getattr(model, "module", None)
+    if STATE_ATTR not in getattr(model, "__dict__", {}) and isinstance(inner, nn.Module) \
+            and STATE_ATTR in inner.__dict__:
+        return inner
+    return model
+
+
 def is_sparsified(model: nn.Module) -> bool:
-    return STATE_ATTR in getattr(model, "__dict__", {})
+    return STATE_ATTR in getattr(unwrap(model), "__dict__", {})
 
 
 def run_model(model: nn.Module, state: SparsityState) -> Any:

@@ -108,6 +108,7 @@ _FUSED_QKV = ("c_attn", "qkv", "Wqkv")
 _HEAD_DIM_NAMES = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size")
 HEAD_COUNT_NAMES = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads", "q_heads")
 WIDTH_NAMES = ("all_head_size", "inner_dim", "split_size")
+GROUP_NAMES = ("num_key_value_groups", "num_kv_groups", "n_rep")
 KV_COUNT_NAMES = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "kv_heads")
 
 
@@ -179,4 +180,7 @@ def fix_attention(module: nn.Module) -> bool:
     for attr in WIDTH_NAMES:
         if isinstance(getattr(module, attr, None), int):
             setattr(module, attr, n_q * head_dim)
+    for attr in GROUP_NAMES:  # query heads per KV head: changes when an MQA layer loses query heads
+        if isinstance(getattr(module, attr, None), int) and n_kv and n_q % n_kv == 0:
+            setattr(module, attr, n_q // n_kv)
     return True

@@ -352,7 +352,7 @@ def size(ctx: OpContext) -> None:
     dim = ctx.arg(1, "dim") if ctx.node.target != getattr else None
     if isinstance(dim, int) and label is not None and dim % ctx.ndim(x) != label.dim:
         return ctx.output(None)  # the size of another dim does not change
-    if label is not None and not _feeds_only_shapes(ctx.node):
+    if label is not None and not _feeds_only_shapes(ctx.node, None if dim is not None else (label.dim, ctx.ndim(x))):
         ctx.block(label, "its size is used in a computation")
     ctx.output(None)
 
@@ -360,16 +360,29 @@ def size(ctx: OpContext) -> None:
 _SHAPE_USERS = {"view", "reshape", "expand", "repeat", "flatten", "new_zeros", "new_ones", "new_empty"}
 
 
-def _feeds_only_shapes(node: fx.Node, depth: int = 0) -> bool:
+def _feeds_only_shapes(node: fx.Node, channel: tuple[int, int] | None = None, depth: int = 0) -> bool:
+    """Whether a size read only shapes views. ``channel`` = (label dim, ndim) when ``node`` is a
+    whole ``x.shape``: picking other dims out of it (``x.shape[-2:]`` for an interpolate) is safe."""
     for user in node.users:
         if user.op == "call_method" and user.target in _SHAPE_USERS and user.args[0] is not node:
             continue
+        if channel is not None and user.target is operator.getitem and not _picks(user.args[1], *channel):
+            continue
         if user.target in (operator.getitem, operator.floordiv, operator.mul) and depth < 4:
-            if _feeds_only_shapes(user, depth + 1):
+            if _feeds_only_shapes(user, None, depth + 1):
                 continue
         if user.target in (torch.reshape,) and user.args[0] is not node:
             continue
         return False
+    return True
+
+
+def _picks(index: object, dim: int, ndim: int) -> bool:
+    """Whether ``shape[index]`` includes position ``dim`` (unknown index kinds: assume it does)."""
+    if isinstance(index, int):
+        return index % ndim == dim
+    if isinstance(index, slice) and all(v is None or isinstance(v, int) for v in (index.start, index.stop, index.step)):
+        return dim in range(ndim)[index]
     return True
 
 

@@ -60,6 +60,8 @@ class Registry:
         """Register ``handler`` for one key or several; raises :class:`RegistryError` if malformed."""
         many = isinstance(keys, (list, tuple, set, frozenset))
         for key in keys if many else [keys]:
+            # A @torch.library.custom_op function appears in graphs as its OpOverload.
+            key = getattr(key, "_opoverload", key)
             _check_key(key)
             _check_handler(key, handler)
             self._rules[key] = handler
