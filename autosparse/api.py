@@ -16,6 +16,7 @@ from autosparse.analysis.registry import Handler, RuleKey
 from autosparse.capture import call_kwargs, capture, normalize_inputs
 from autosparse.compaction import compact_model
 from autosparse.errors import AlreadySparsifiedError, ExampleInputsError
+from autosparse.gate_batch import batch_gates
 from autosparse.gates import Gate, GateSite, gate_inputs
 from autosparse.hard_concrete import HardConcreteGate
 from autosparse.plan import Plan, make_plan
@@ -72,6 +73,7 @@ def sparsify(
         gate_list = _attach(target, plan, policy)
     target.__dict__[STATE_ATTR] = SparsityState(plan, policy, tuple(inputs), kwargs, gate_list)
     gate_inputs(target)  # the cheaper multiply where an input is smaller than its weight (exact)
+    batch_gates(target, gate_list)  # one batched gate computation per forward (autosparse.gate_batch)
     return target
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from autosparse.errors import ArgumentError, CompactionError, EquivalenceError
+from autosparse.gate_batch import unbatch_gates
 from autosparse.gates import GateSite, remove_input_gating
 from autosparse.hf import sync_config
 from autosparse.layers import remove_branches
@@ -233,6 +234,7 @@ class _Fold:
 
 def _unparametrize(model: nn.Module) -> list[_Fold]:
     """Remove every gate parametrization, leaving the weights as they are; return the folds owed."""
+    unbatch_gates(model)
     pending = []
     for name, module in list(model.named_modules()):
         if not parametrize.is_parametrized(module):

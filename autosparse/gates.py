@@ -59,8 +59,15 @@ class Gate(nn.Module):
 
     def values(self) -> torch.Tensor:
         """Current effective gate values: exactly 1 when fresh, exactly 0 where a unit is off."""
+        lent = self.__dict__.get("_lent")
+        if lent is not None:  # inside a forward: computed with every other gate (gate_batch)
+            return lent
         raw = torch.relu(self.size * self.shares() - self.tau) / (1.0 - self.tau)
-        return raw * (~self.forced_off).to(raw.dtype)
+        return raw.masked_fill(self.forced_off, 0.0)
+
+    def lend(self, values: torch.Tensor | None) -> None:
+        """Use ``values`` (this gate's row of a batched computation) until lent ``None`` again."""
+        self.__dict__["_lent"] = values
 
     def zero_(self, indices: Sequence[int] | torch.Tensor) -> Gate:
         """Force units to exact zero (manual pruning, tests). Returns self."""
@@ -159,29 +166,44 @@ class _GateInput:
 
     Decided per call, because the input's size depends on the batch and resolution, which the
     capture (one example) does not know. A plain object, so the hook survives deepcopy and pickle.
+    The site and the weight's size are looked up once (the hook runs on every forward of every
+    consumer, so attribute walks through nn.Module would cost more than the multiply saves).
     """
 
     def __init__(self, spatial: int) -> None:
         self.spatial = spatial
+        self.site: GateSite | None = None
+        self.weight_numel = self.in_features = 0
 
     def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
-        site = _input_site(module)
         x = args[0] if args else None
-        if site is None or not isinstance(x, torch.Tensor) or x.ndim < self.spatial + 1:
+        if not isinstance(x, torch.Tensor) or x.ndim < self.spatial + 1:
             return None  # an fx Proxy while tracing, a keyword input, ...: the weight stays gated
+        if self.site is None:
+            self.site = _input_site(module)
+            if self.site is None:
+                return None
+            original = module.parametrizations["weight"].original
+            self.weight_numel, self.in_features = original.numel(), original.shape[1]
         channel = -1 if self.spatial < 0 else x.ndim - self.spatial - 1
-        original = module.parametrizations["weight"].original
-        if x.numel() >= original.numel() or x.shape[channel] != original.shape[1]:
+        if x.numel() >= self.weight_numel or x.shape[channel] != self.in_features:
             return None
-        site.on_input = True
+        self.site.__dict__["on_input"] = True  # plain attribute: skip nn.Module.__setattr__
         shape = [-1] + [1] * max(self.spatial, 0)
-        return (x * site.values().to(x.dtype).view(shape), *args[1:])
+        return (x * self.site.values().to(x.dtype).view(shape), *args[1:])
 
 
 class _EndGateInput:
     """Forward hook (always called, also on error): the weight is gated again outside the forward."""
 
+    def __init__(self, start: _GateInput | None = None) -> None:
+        self.start = start
+
     def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
+        site = self.start.site if self.start is not None else None
+        if site is not None:
+            site.__dict__["on_input"] = False
+            return
         for site in _weight_sites(module):
             if isinstance(site, GateSite):
                 site.on_input = False
@@ -200,8 +222,9 @@ def gate_inputs(model: nn.Module) -> int:
         count += 1
         if any(isinstance(h, _GateInput) for h in module._forward_pre_hooks.values()):
             continue
-        module.register_forward_pre_hook(_GateInput(_INPUT_GATEABLE[type(module).forward]))
-        module.register_forward_hook(_EndGateInput(), prepend=True, always_call=True)
+        start = _GateInput(_INPUT_GATEABLE[type(module).forward])
+        module.register_forward_pre_hook(start)
+        module.register_forward_hook(_EndGateInput(start), prepend=True, always_call=True)
     return count
 
 

@@ -1,0 +1,99 @@
+"""All gate values of a model in one batched computation per forward pass.
+
+Computed gate by gate, every gate site pays about eight small ops forward and as many backward
+(softmax, scale, threshold, mask...). That is nothing next to a big convolution on a CPU, but on a
+GPU each op is a kernel launch plus Python dispatch: ResNet-50's 53 sites added ~16 ms to an 18 ms
+training step on an H200. Here a forward pre-hook on the model's root computes every plain
+:class:`~autosparse.gates.Gate` at once (their ``gamma`` padded into one matrix with ``-inf``, one
+row softmax, one threshold) and lends each gate its row for the duration of that forward; a forward
+hook that always runs (also on error) takes them back. Outside a forward, a gate computes its values
+alone, as before, so folding, ``kept()`` and the penalty are unchanged.
+
+The values equal the per-gate ones up to float rounding of the softmax sums (a padded row sums
+the same terms plus exact zeros).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from autosparse.gates import Gate
+
+
+class _Layout:
+    """Constants of the padded layout for one set of gates on one device."""
+
+    def __init__(self, gates: list[Gate], device: torch.device) -> None:
+        sizes = [g.size for g in gates]
+        width = max(sizes)
+        self.sizes = sizes
+        self.mask = torch.arange(width, device=device)[None, :] < torch.tensor(sizes, device=device)[:, None]
+        self.count = torch.tensor(sizes, dtype=torch.float32, device=device)[:, None]
+        self.tau = torch.tensor([g.tau for g in gates], dtype=torch.float32, device=device)[:, None]
+        self.device = device
+
+
+def batched_values(gates: list[Gate], layout: _Layout) -> list[torch.Tensor]:
+    """``[g.values() for g in gates]`` in one pass (the same formula, row by row)."""
+    gammas = torch.cat([g.gamma.float() for g in gates])
+    padded = torch.full(layout.mask.shape, float("-inf"), device=layout.device).masked_scatter(layout.mask, gammas)
+    shares = torch.softmax(padded, dim=1)
+    raw = torch.relu(layout.count * shares - layout.tau) / (1.0 - layout.tau)
+    flat = raw[layout.mask].masked_fill(torch.cat([g.forced_off for g in gates]), 0.0)
+    return list(flat.split(layout.sizes))
+
+
+class _StartForward:
+    """Forward pre-hook on the root: lend every gate its batched values. A plain object, so it
+    survives deepcopy and pickle (the copy's hook then holds the copy's gates)."""
+
+    def __init__(self, gates: list[Gate]) -> None:
+        self.gates = gates
+        self.layout: _Layout | None = None
+
+    def __call__(self, module: nn.Module, args: tuple) -> None:
+        if not self.gates or any(g.gamma.device != self.gates[0].gamma.device for g in self.gates):
+            return  # gates spread over devices (model parallel): each computes its own values
+        device = self.gates[0].gamma.device
+        if self.layout is None or self.layout.device != device:
+            self.layout = _Layout(self.gates, device)
+        for gate, values in zip(self.gates, batched_values(self.gates, self.layout)):
+            gate.lend(values)
+
+    def __getstate__(self) -> dict:
+        return {"gates": self.gates, "layout": None}  # the layout is rebuilt on first use
+
+
+class _EndForward:
+    """Forward hook on the root, always called: the gates compute their own values again."""
+
+    def __init__(self, gates: list[Gate]) -> None:
+        self.gates = gates
+
+    def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
+        for gate in self.gates:
+            gate.lend(None)
+
+
+def batch_gates(model: nn.Module, gates: list[Gate]) -> None:
+    """Compute the plain gates of ``model`` in one batch per forward (hard-concrete gates sample
+    noise per call and keep their own path)."""
+    plain = [g for g in gates if type(g) is Gate]
+    if len(plain) < 2:
+        return
+    model.register_forward_pre_hook(_StartForward(plain))
+    model.register_forward_hook(_EndForward(plain), always_call=True)
+
+
+def unbatch_gates(model: nn.Module) -> None:
+    """Remove the hooks of :func:`batch_gates` (compaction leaves no gate behind)."""
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if isinstance(hook, _StartForward):
+            for gate in hook.gates:
+                gate.lend(None)
+            del model._forward_pre_hooks[key]
+    for key, hook in list(model._forward_hooks.items()):
+        if isinstance(hook, _EndForward):
+            del model._forward_hooks[key]
+            model._forward_hooks_always_called.pop(key, None)

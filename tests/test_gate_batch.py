@@ -1,0 +1,72 @@
+"""Batched gate values (autosparse.gate_batch): one computation per forward, same values and gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import autosparse
+from autosparse.gate_batch import _StartForward, unbatch_gates
+from tests.zoo import get_case, output_tensors
+
+POLICY = {"rules": [{"granularity": "channel"}, {"granularity": "head"}]}
+
+
+def _gated(name: str = "resnet_bottleneck"):
+    model, inputs = get_case(name).build()
+    net = autosparse.sparsify(model, POLICY, example_inputs=inputs)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for gate in autosparse.gates(net).values():
+            gate.gamma.normal_(0, 1, generator=g)  # unequal shares: some units off, others scaled
+            gate.zero_([0])
+    return net, inputs
+
+
+def _grads(net, inputs) -> dict[str, torch.Tensor]:
+    net.zero_grad(set_to_none=True)
+    net.train()
+    torch.manual_seed(0)
+    out = net(*inputs)
+    output_tensors(out)[0].square().mean().backward()
+    return {name: gate.gamma.grad.clone() for name, gate in autosparse.gates(net).items()}
+
+
+@pytest.mark.parametrize("name", ["resnet_bottleneck", "hf_llama"])
+def test_batched_values_and_gradients_equal_the_per_gate_ones(name):
+    net, inputs = _gated(name)
+    lent = {}
+    probe = net.register_forward_pre_hook(lambda m, a: lent.update(
+        {n: g.values().detach().clone() for n, g in autosparse.gates(net).items()}))
+    batched = _grads(net, inputs)
+    probe.remove()
+    alone = copy.deepcopy(net)
+    unbatch_gates(alone)
+    for n, gate in autosparse.gates(alone).items():
+        expected = gate.values().detach()
+        assert torch.allclose(lent[n], expected, rtol=1e-6, atol=1e-7), n
+        assert torch.equal(lent[n] == 0, expected == 0), f"{n}: a unit is off in one path only"
+    for n, grad in _grads(alone, inputs).items():
+        assert torch.allclose(batched[n], grad, rtol=1e-4, atol=1e-8), n
+
+
+def test_gates_are_lent_only_during_a_forward_even_when_it_fails():
+    net, inputs = _gated()
+    gates = list(autosparse.gates(net).values())
+    net(*inputs)
+    assert all(g.__dict__.get("_lent") is None for g in gates)
+    with pytest.raises(RuntimeError):
+        net(torch.randn(2, 5, 8, 8))  # wrong channel count: fails inside the forward
+    assert all(g.__dict__.get("_lent") is None for g in gates)
+
+
+def test_copies_hold_their_own_gates_and_compaction_removes_the_hooks():
+    net, inputs = _gated()
+    twin = copy.deepcopy(net)
+    hook = next(h for h in twin._forward_pre_hooks.values() if isinstance(h, _StartForward))
+    assert {id(g) for g in hook.gates} == {id(g) for g in autosparse.gates(twin).values()}
+    small = autosparse.compact(net)
+    assert not any(isinstance(h, _StartForward) for h in small._forward_pre_hooks.values())
+    assert any(isinstance(h, _StartForward) for h in net._forward_pre_hooks.values())  # the gated model keeps them
