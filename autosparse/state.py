@@ -46,11 +46,14 @@ def get_state(model: nn.Module) -> SparsityState:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The sparsified model inside a DistributedDataParallel / DataParallel wrapper, else ``model``."""
-    inner = getattr(model, "module", None)
-    if STATE_ATTR not in getattr(model, "__dict__", {}) and isinstance(inner, nn.Module) \
-            and STATE_ATTR in inner.__dict__:
-        return inner
+    """The sparsified model inside a wrapper (DistributedDataParallel / DataParallel ``.module``,
+    ``torch.compile``'s ``._orig_mod``), else ``model``."""
+    if STATE_ATTR in getattr(model, "__dict__", {}):
+        return model
+    for attr in ("module", "_orig_mod"):
+        inner = getattr(model, attr, None)
+        if isinstance(inner, nn.Module) and STATE_ATTR in inner.__dict__:
+            return inner
     return model
 
 

@@ -70,3 +70,10 @@ def test_copies_hold_their_own_gates_and_compaction_removes_the_hooks():
     small = autosparse.compact(net)
     assert not any(isinstance(h, _StartForward) for h in small._forward_pre_hooks.values())
     assert any(isinstance(h, _StartForward) for h in net._forward_pre_hooks.values())  # the gated model keeps them
+
+
+def test_library_verbs_see_through_torch_compile():
+    net, inputs = _gated()
+    compiled = torch.compile(net)  # not run here: the wrapper alone must expose the gates
+    assert autosparse.gates(compiled) == autosparse.gates(net)
+    assert autosparse.penalty(compiled).item() == autosparse.penalty(net).item()
