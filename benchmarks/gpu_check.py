@@ -11,10 +11,12 @@
 from __future__ import annotations
 
 import statistics
+import time
 
 import torch
 
 import autosparse
+from benchmarks.bench_gate_overhead import make_step
 from benchmarks.common import base_parser, build, policy_for, stamp, write_result
 from tests.zoo import get_case, output_tensors
 
@@ -46,31 +48,18 @@ def exactness(device: str, names: list[str]) -> dict[str, float]:
     return out
 
 
-def _step_ms(model, batch, loss_of, opt, gated: bool) -> float:
-    if batch.device.type != "cuda":  # the --smoke path on a machine without a GPU
-        return _step_cpu_ms(model, batch, loss_of, opt, gated)
+def _timed_ms(step, device: str) -> float:
+    """One call of ``step`` in ms: CUDA events on a GPU, the wall clock on the --smoke CPU path."""
+    if device != "cuda":
+        begin = time.perf_counter()
+        step()
+        return (time.perf_counter() - begin) * 1e3
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    opt.zero_grad(set_to_none=True)
-    loss = loss_of(model(batch))
-    if gated:
-        loss = loss + autosparse.penalty(model)
-    loss.backward()
-    opt.step()
+    step()
     end.record()
     torch.cuda.synchronize()
     return start.elapsed_time(end)
-
-
-def _step_cpu_ms(model, batch, loss_of, opt, gated: bool) -> float:
-    import time
-
-    start = time.perf_counter()
-    opt.zero_grad(set_to_none=True)
-    loss = loss_of(model(batch)) + (autosparse.penalty(model) if gated else 0.0)
-    loss.backward()
-    opt.step()
-    return (time.perf_counter() - start) * 1e3
 
 
 def overhead(name: str, batch_size: int, device: str, smoke: bool, steps: int = 20,
@@ -83,15 +72,12 @@ def overhead(name: str, batch_size: int, device: str, smoke: bool, steps: int = 
     if compile_models:  # one graph per step: the gates' small ops no longer cost a launch each
         dense, gated = torch.compile(dense), torch.compile(gated)
 
-    def loss_of(out):
-        return output_tensors(out)[0].float().square().mean()
-
-    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4) for k, m in (("dense", dense), ("gated", gated))}
+    steps_of = {"dense": make_step(dense, batch, gated=False), "gated": make_step(gated, batch, gated=True)}
     times = {"dense": [], "gated": []}
     warmup = 3 if steps > 2 else 0
     for i in range(steps + warmup):
-        for key, model in (("dense", dense), ("gated", gated)):
-            ms = _step_ms(model, batch, loss_of, opts[key], key == "gated")
+        for key, step in steps_of.items():
+            ms = _timed_ms(step, device)
             if i >= warmup:
                 times[key].append(ms)
     result = {k: statistics.median(v) for k, v in times.items()}
@@ -101,15 +87,15 @@ def overhead(name: str, batch_size: int, device: str, smoke: bool, steps: int = 
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
     parser.add_argument("--skip-exactness", action="store_true", help="only the overhead part")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cudnn.benchmark = True
     names, batch, steps = (ZOO[:2], 2, 2) if args.smoke else (ZOO, 32, 20)
-    payload = {"stamp": stamp(), "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    payload = {"stamp": stamp(), "smoke": args.smoke, "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                "exactness": {} if args.skip_exactness else exactness(device, names),
                "overhead": {m: overhead(m, batch, device, args.smoke, steps) for m in ("resnet50", "bert_base")}}
     if args.compile:

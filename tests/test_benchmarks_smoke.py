@@ -97,3 +97,13 @@ def test_report_renders(out: Path, tmp_path: Path) -> None:
     text = report.render(out)  # whatever the tests above wrote renders as tables
     for name in report.RENDER:
         assert (out / f"{name}.json").exists() == (f"bench_{name}`" not in text)
+
+
+def test_gpu_check_smoke(out: Path) -> None:
+    from benchmarks import gpu_check
+
+    gpu_check.main(["--smoke", "--out", str(out)])  # on this machine: the CPU path of the same code
+    data = _load(out, "gpu_check")
+    assert set(data["exactness"]) == set(gpu_check.ZOO[:2])
+    assert all(diff <= 1e-5 for diff in data["exactness"].values())
+    assert all(m["dense"] > 0 and m["gated"] > 0 for m in data["overhead"].values())
