@@ -6,13 +6,14 @@ import time
 from collections.abc import Mapping
 
 from autosparse import mha
-from autosparse.analysis import ops_layers, ops_tensor
+from autosparse.analysis import ops_layers, ops_shape, ops_tensor
 from autosparse.analysis.groups import Analysis, Group, build_groups, walk
 from autosparse.analysis.registry import Handler, Registry, RuleKey
 from autosparse.capture import Capture
 
 DEFAULT_RULES = Registry()
 ops_tensor.register(DEFAULT_RULES)
+ops_shape.register(DEFAULT_RULES)
 ops_layers.register(DEFAULT_RULES)
 DEFAULT_RULES.register(mha.average_over_heads, mha.average_rule)
 

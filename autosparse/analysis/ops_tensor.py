@@ -1,18 +1,21 @@
-"""Rules for parameter-free tensor ops: element-wise, shape, concat/split, indexing, reductions."""
+"""Rules for parameter-free ops that compute on values: element-wise ops, reductions, size reads.
+
+Also ``expand`` (a broadcast, aligned like an element-wise operand), runtime metadata checks,
+attribute reads and the graph output. Ops that only move channels around (reshape, permute,
+concat/split, indexing) live in :mod:`autosparse.analysis.ops_shape`.
+"""
 
 from __future__ import annotations
 
 import operator
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import fx
 
 from autosparse.analysis.context import OpContext
-from autosparse.analysis.labels import Label, reshape_label
+from autosparse.analysis.labels import Label
 from autosparse.analysis.registry import Registry
-from autosparse.analysis.unionfind import FIXED
 
 aten = torch.ops.aten
 
@@ -61,253 +64,10 @@ def pointwise(ctx: OpContext) -> None:
     ctx.output(Label(dim, ids))
 
 
-def _shape_args(ctx: OpContext) -> list:
-    rest = ctx.args[1:]
-    if len(rest) == 1 and isinstance(rest[0], (list, tuple)):
-        return list(rest[0])
-    return list(rest)
-
-
-def reshape(ctx: OpContext) -> None:
-    """view/reshape/flatten/unsqueeze/...: follow positions; a split fuses the inner factors.
-
-    A size written as a literal in the code stays that literal after compaction, so a literal on
-    the labelled output dim is only safe when compaction rewrites it (a head-count or width
-    attribute of the module). Under torch.export every size is a literal, so there only the cases
-    that would go wrong *silently* are refused: a literal group count in a split, and a literal
-    channel count in a merge whose other sizes include -1 (``view(-1, C*H*W)``).
-    """
-    x, out_shape = ctx.arg(0), ctx.shape()
-    label = ctx.label(x)
-    if label is None or out_shape is None:
-        return ctx.output(None)
-    new, split = reshape_label(ctx.elements, label, ctx.shape(x), out_shape, f"reshape at {ctx.where}")
-    if new is None:
-        return ctx.output(None)
-    sizes = _shape_args(ctx) if ctx.node.target in _SIZED else []
-    literal = len(sizes) == len(out_shape) and isinstance(sizes[new.dim], int) and sizes[new.dim] != -1
-    if literal and not _rewritable_size(ctx, sizes[new.dim]):
-        exported = ctx.state.capture.kind == "export"
-        kept_whole = not split and np.array_equal(new.ids, label.ids)  # view(-1, C): C maps 1:1
-        # Exported literals that are still safe: the channel dim kept whole next to a -1 (Conv1D's
-        # view(-1, C)), or merged with a broadcast dim without -1 (GQA's repeat_kv reshape).
-        safe = (kept_whole and -1 in sizes) or (not kept_whole and -1 not in sizes)
-        if split or not exported or not safe:
-            ctx.block(new, f"a reshape that hard-codes the size {sizes[new.dim]} of the channel dim")
-            return ctx.output(None)
-    if split:
-        ctx.state.head_elements.update(int(i) for i in new.ids)
-    ctx.output(new)
-
-
-def _rewritable_size(ctx: OpContext, count: int) -> bool:
-    """A literal size is fine when it is an attribute compaction rewrites (``self.heads``)."""
-    from autosparse.surgery import has_fixer, head_count_attribute
-
-    stack = ctx.node.meta.get("nn_module_stack") or {}
-    model = ctx.state.capture.model
-    if not stack or model is None:
-        return False
-    path = list(stack.values())[-1][0]
-    try:
-        module = model.get_submodule(path)
-    except AttributeError:
-        return False
-    if head_count_attribute(module, count) is not None:
-        return True
-    # A layer whose own forward shapes its output from a width attribute its fixer rewrites
-    # (Hugging Face Conv1D: ``x.view(*shape[:-1], self.nf)``).
-    return has_fixer(module) and any(getattr(module, a, None) == count for a in _WIDTH_ATTRS)
-
-
-_WIDTH_ATTRS = ("nf", "out_features", "out_channels", "num_features", "embedding_dim")
-
-
-_SIZED = {"view", "reshape", aten.view.default, aten.reshape.default, torch.reshape}
-
-
 def expand(ctx: OpContext) -> None:
+    """``x.expand(...)``: a broadcast, so the label is aligned from the right like an element-wise operand."""
     out_shape = ctx.shape()
     ctx.output(_align(ctx, ctx.arg(0), len(out_shape)) if out_shape else None)
-
-
-def repeat_interleave(ctx: OpContext) -> None:
-    """``x.repeat_interleave(r, dim)`` (GQA key/value sharing): each position is repeated r times."""
-    x, repeats, dim = ctx.arg(0), ctx.arg(1, "repeats"), ctx.arg(2, "dim")
-    label = ctx.label(x)
-    if label is None:
-        return ctx.output(None)
-    if not isinstance(repeats, int) or dim is None:
-        ctx.block(label, "repeat_interleave with tensor repeats or no dim")
-        return ctx.output(None)
-    if int(dim) % ctx.ndim(x) != label.dim:
-        return ctx.output(label)
-    ctx.output(Label(label.dim, np.repeat(label.ids, repeats)))
-
-
-def permute(ctx: OpContext) -> None:
-    x = ctx.arg(0)
-    label, ndim = ctx.label(x), ctx.ndim(x)
-    if label is None:
-        return ctx.output(None)
-    target = ctx.node.target
-    if target in ("transpose", aten.transpose.int, torch.transpose, "swapaxes"):
-        a, b = ctx.arg(1) % ndim, ctx.arg(2) % ndim
-        perm = list(range(ndim))
-        perm[a], perm[b] = perm[b], perm[a]
-    elif target in ("t", aten.t.default):
-        perm = list(range(ndim))[::-1]
-    else:
-        perm = [int(d) % ndim for d in _shape_args(ctx)]
-    ctx.output(label.moved(perm.index(label.dim)))
-
-
-def cat(ctx: OpContext) -> None:
-    """Concatenation: along the channel dim ids are laid end to end; elsewhere inputs unite."""
-    if not isinstance(ctx.arg(0), (list, tuple)):  # e.g. cat(parts[::-1]): the list is a graph value
-        found = ctx.state.env.get(ctx.arg(0))
-        for lab in found if isinstance(found, list) else [found]:
-            ctx.block(lab if isinstance(lab, Label) else None, "a concat of a computed sequence")
-        return ctx.output(None)
-    tensors = list(ctx.arg(0))
-    out_shape = ctx.shape()
-    dim = int(ctx.arg(1, "dim", 0)) % len(out_shape)
-    labels = [ctx.label(t) for t in tensors]
-    if any(lab is not None and lab.dim == dim for lab in labels):
-        parts = [
-            lab.ids if lab is not None and lab.dim == dim else np.full(ctx.shape(t)[dim], FIXED, np.int64)
-            for t, lab in zip(tensors, labels)
-        ]
-        for lab in labels:
-            if lab is not None and lab.dim != dim:
-                ctx.block(lab, "a concat mixing channel dimensions")
-        return ctx.output(Label(dim, np.concatenate(parts)))
-    present = [lab for lab in labels if lab is not None]
-    if not present:
-        return ctx.output(None)
-    if len({lab.dim for lab in present}) > 1 or len(present) != len(labels):
-        for lab in present:
-            ctx.block(lab, "a concat of channels with unlabelled or differently labelled tensors")
-        return ctx.output(None)
-    for lab in present[1:]:
-        ctx.elements.union_arrays(present[0].ids, lab.ids)
-    ctx.output(present[0])
-
-
-def stack(ctx: OpContext) -> None:
-    tensors, out_ndim = list(ctx.arg(0)), ctx.ndim()
-    dim = int(ctx.arg(1, "dim", 0)) % out_ndim
-    labels = [ctx.label(t) for t in tensors]
-    present = [lab for lab in labels if lab is not None]
-    if not present:
-        return ctx.output(None)
-    if len(present) != len(labels) or len({lab.dim for lab in present}) > 1:
-        for lab in present:
-            ctx.block(lab, "a stack of differently labelled tensors")
-        return ctx.output(None)
-    for lab in present[1:]:
-        ctx.elements.union_arrays(present[0].ids, lab.ids)
-    d = present[0].dim
-    ctx.output(present[0].moved(d + 1 if d >= dim else d))
-
-
-def split(ctx: OpContext) -> None:
-    """split/chunk/unbind: equal parts of a channel dim must lose the same positions."""
-    x = ctx.arg(0)
-    label, shape = ctx.label(x), ctx.shape(x)
-    outs = ctx.node.meta.get("val") or ctx.node.meta.get("tensor_meta")
-    sizes = [int(o.shape[_split_dim(ctx, len(shape))]) for o in outs] if outs else []
-    dim = _split_dim(ctx, len(shape))
-    if label is None or not sizes:
-        return ctx.output([None] * max(len(sizes), 1))
-    if label.dim != dim:
-        return ctx.output([label] * len(sizes))
-    if len(set(sizes)) != 1:
-        ctx.block(label, "a split into unequal parts along the channel dim")
-        return ctx.output([None] * len(sizes))
-    literal = ctx.node.target in _SIZE_SPLITS and isinstance(ctx.arg(1), (int, list, tuple))
-    if literal and not _rewritable_size(ctx, sizes[0]):  # exported chunk stays aten.chunk
-        ctx.block(label, f"a split that hard-codes the part size {sizes[0]} (use chunk)")
-        return ctx.output([None] * len(sizes))
-    parts = label.ids.reshape(len(sizes), sizes[0])
-    for part in parts[1:]:
-        ctx.elements.union_arrays(parts[0], part)
-    ctx.output([Label(dim, part.copy()) for part in parts])
-
-
-_SIZE_SPLITS = {"split", torch.split, aten.split.Tensor, aten.split_with_sizes.default,
-                aten.unsafe_split.Tensor}
-
-
-def _split_dim(ctx: OpContext, ndim: int) -> int:
-    return int(ctx.arg(2, "dim", 0)) % ndim
-
-
-def getitem(ctx: OpContext) -> None:
-    """Pick from a tuple output, or index a tensor (only full slices of the channel dim are safe)."""
-    source, index = ctx.arg(0), ctx.arg(1)
-    found = ctx.state.env.get(source)
-    if isinstance(found, list):
-        if isinstance(index, slice):  # parts[::-1]: still a sequence of labels
-            return ctx.output(found[index])
-        return ctx.output(found[index] if isinstance(index, int) and index < len(found) else None)
-    label = ctx.label(source)
-    if label is None or ctx.shape() is None:
-        return ctx.output(None)
-    items = index if isinstance(index, tuple) else (index,)
-    if any(isinstance(i, (fx.Node, list)) for i in items):  # advanced indexing moves dims around
-        ctx.block(label, "advanced (tensor) indexing")
-        return ctx.output(None)
-    out_dim = _index_dim(index if isinstance(index, tuple) else (index,), label.dim, ctx.ndim(source))
-    if out_dim is None:
-        ctx.block(label, "indexing into the channel dim")
-    ctx.output(None if out_dim is None else label.moved(out_dim))
-
-
-def _index_dim(index: tuple, dim: int, ndim: int) -> int | None:
-    """Where input dim ``dim`` lands after basic indexing, or None if it is indexed."""
-    consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
-    src = out = 0
-    for item in index:
-        if item is Ellipsis:
-            skip = ndim - consumed
-            if src <= dim < src + skip:
-                return out + dim - src
-            src, out = src + skip, out + skip
-        elif item is None:
-            out += 1
-        elif isinstance(item, slice) and item == slice(None):
-            if src == dim:
-                return out
-            src, out = src + 1, out + 1
-        elif src == dim:
-            return None
-        else:
-            src, out = src + 1, out + (0 if isinstance(item, int) else 1)
-    return out + dim - src if dim >= src else None
-
-
-def slice_op(ctx: OpContext) -> None:
-    x = ctx.arg(0)
-    label, shape = ctx.label(x), ctx.shape(x)
-    if label is None:
-        return ctx.output(None)
-    if int(ctx.arg(1, "dim", 0)) % len(shape) == label.dim and ctx.shape()[label.dim] != shape[label.dim]:
-        ctx.block(label, "slicing part of the channel dim")
-        return ctx.output(None)
-    ctx.output(label)
-
-
-def select(ctx: OpContext) -> None:
-    x = ctx.arg(0)
-    label = ctx.label(x)
-    if label is None:
-        return ctx.output(None)
-    dim = int(ctx.arg(1)) % ctx.ndim(x)
-    if dim == label.dim:
-        ctx.block(label, "selecting one position of the channel dim")
-        return ctx.output(None)
-    ctx.output(label.moved(label.dim - (dim < label.dim)))
 
 
 def reduction(ctx: OpContext) -> None:
@@ -444,22 +204,7 @@ _IDENTITY_ATEN = [
 def register(rules: Registry) -> None:
     rules.register(_POINTWISE_FUNCS + _POINTWISE_METHODS, pointwise)
     rules.register(_IDENTITY_ATEN, pointwise)
-    rules.register(
-        ["view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as",
-         torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten,
-         aten.view, aten.reshape, aten._unsafe_view, aten.flatten, aten.unflatten, aten.squeeze,
-         aten.unsqueeze, torch.nn.Flatten, torch.nn.Unflatten], reshape)
     rules.register(["expand", "expand_as", aten.expand, aten.expand_as], expand)
-    rules.register(["repeat_interleave", torch.repeat_interleave, aten.repeat_interleave], repeat_interleave)
-    rules.register(["permute", "transpose", "t", "swapaxes", torch.permute, torch.transpose,
-                    aten.permute, aten.transpose, aten.t], permute)
-    rules.register([torch.cat, torch.concat, aten.cat, aten.concat], cat)
-    rules.register([torch.stack, aten.stack], stack)
-    rules.register(["split", "chunk", torch.split, torch.chunk, aten.split, aten.split_with_sizes,
-                    aten.chunk, aten.unsafe_split], split)
-    rules.register(operator.getitem, getitem)
-    rules.register([aten.slice, aten.narrow, "narrow", torch.narrow], slice_op)
-    rules.register([aten.select, "select", torch.select], select)
     rules.register(["norm", torch.norm, aten.norm, aten.linalg_vector_norm], norm)
     rules.register(["sum", "mean", "amax", "amin", "var", "std", "prod", "logsumexp",
                     torch.sum, torch.mean, torch.amax, torch.amin, torch.var, torch.std,
