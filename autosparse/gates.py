@@ -27,6 +27,9 @@ import torch
 from torch import nn
 
 
+TINY_SHARE = 1e-30
+
+
 class Gate(nn.Module):
     """One differentiable gate over the ``size`` units of a group.
 
@@ -88,7 +91,9 @@ class Gate(nn.Module):
 
     def penalty(self, p: float) -> torch.Tensor:
         """``(sum_i share_i ** p) ** (1 / p)``: between 1 (one unit) and ``n ** (1/p - 1)`` (uniform)."""
-        return self.shares().pow(p).sum().pow(1.0 / p) * self.penalty_weight
+        # A share that underflows to exactly 0 would meet d(x^p)/dx = inf at 0 and turn gamma's
+        # gradient into nan; clamped, it contributes nothing (1e-30 ** p is below fp32 resolution).
+        return self.shares().clamp_min(TINY_SHARE).pow(p).sum().pow(1.0 / p) * self.penalty_weight
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, granularity={self.granularity}, size={self.size}, tau={self.tau}"

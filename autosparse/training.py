@@ -32,6 +32,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from autosparse.budget import Controller, CostModel, build_cost_model, check_reachable, enforce, ramp_end
 from autosparse.errors import warn
+from autosparse.gate_batch import penalty_norms
 from autosparse.gates import GateSite
 from autosparse.policy import Schedule
 from autosparse.state import SparsityState, get_state, is_sparsified
@@ -54,6 +55,7 @@ class TrainingState:
     history: list[dict[str, float]] = field(default_factory=list)  # thinned to <= 2 * HISTORY entries
     last: dict[str, float] = field(default_factory=dict)  # the record of the latest step
     stride: int = 1  # history keeps every stride-th step
+    penalty_layouts: dict = field(default_factory=dict)  # gate_batch layouts by device (constants)
 
 
 HISTORY = 1000
@@ -136,7 +138,10 @@ def penalty_terms(model: nn.Module) -> list[torch.Tensor]:
     state = get_state(model)
     tr = training_state(model)
     lam, p = current_lambda(model), state.policy.penalty.p
-    return [lam * w * gate.penalty(p) for gate, w in zip(state.gate_list(), tr.weights)]
+    gates = state.gate_list()
+    norms = penalty_norms(gates, p, tr.penalty_layouts)
+    scale = torch.tensor([lam * w for w in tr.weights], dtype=norms.dtype, device=norms.device)
+    return list((norms * scale).unbind())
 
 
 def penalty_value(model: nn.Module) -> torch.Tensor:

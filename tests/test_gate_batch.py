@@ -77,3 +77,25 @@ def test_library_verbs_see_through_torch_compile():
     compiled = torch.compile(net)  # not run here: the wrapper alone must expose the gates
     assert autosparse.gates(compiled) == autosparse.gates(net)
     assert autosparse.penalty(compiled).item() == autosparse.penalty(net).item()
+
+
+def test_batched_penalty_equals_the_per_gate_sum_with_the_same_gradients():
+    net, _ = _gated("hf_llama")  # heads and channels: rows of different lengths
+    gates = list(autosparse.gates(net).values())
+    with torch.no_grad():
+        gates[0].gamma[0] = -200.0  # a share that underflows to 0 must not turn the gradient into nan
+    batched = autosparse.penalty(net)
+    batched.backward()
+    got = [g.gamma.grad.clone() for g in gates]
+    for g in gates:
+        g.gamma.grad = None
+    from autosparse.training import current_lambda, training_state
+
+    lam, weights = current_lambda(net), training_state(net).weights
+    p = autosparse.state.get_state(net).policy.penalty.p
+    alone = sum(lam * w * g.penalty(p) for g, w in zip(gates, weights))
+    alone.backward()
+    assert torch.allclose(batched, alone, rtol=1e-6)
+    for g, grad in zip(gates, got):
+        assert torch.isfinite(grad).all()
+        assert torch.allclose(grad, g.gamma.grad, rtol=1e-5, atol=1e-10), g.name
