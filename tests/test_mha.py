@@ -165,3 +165,22 @@ def test_pruned_attention_exports_to_onnx(tmp_path):
     small = autosparse.compact(net)
     path = autosparse.export(small, tmp_path / "mha.onnx", example_inputs=inputs, format="onnx")
     assert path.stat().st_size > 0  # export() itself runs the file in onnxruntime against eager
+
+
+@pytest.mark.parametrize("options", [{"add_bias_kv": True}, {"add_zero_attn": True}, {"kdim": 16, "vdim": 16}])
+def test_unsupported_configurations_are_reported_by_name(options):
+    class Uses(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.out = nn.Linear(8, 32), nn.Linear(32, 4)
+            self.attn = nn.MultiheadAttention(32, 4, batch_first=True, **options)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.fc(x)
+            kv = h[..., :16] if "kdim" in options else h
+            return self.out(self.attn(h, kv, kv, need_weights=False)[0])
+
+    report = autosparse.explain(Uses(), example_inputs=(torch.randn(2, 5, 8),))
+    assert not any(g.granularity == "head" for g in report.groups)
+    expected = next(iter(options)).replace("kdim", "kdim/vdim")
+    assert any(expected in why and "nn.MultiheadAttention" in why for _, why in report.unprunable)
