@@ -26,7 +26,6 @@ import numpy as np
 import torch
 from torch import nn
 
-
 TINY_SHARE = 1e-30
 
 

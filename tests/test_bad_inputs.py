@@ -22,7 +22,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import autosparse
-from tests.zoo import get_case
 from autosparse.errors import (
     AlreadySparsifiedError,
     AutosparseError,
@@ -38,6 +37,7 @@ from autosparse.errors import (
 )
 from autosparse.io import load_gated_state
 from autosparse.state import is_sparsified
+from tests.zoo import get_case
 
 CHANNEL = {"rules": [{"granularity": "channel"}]}
 
