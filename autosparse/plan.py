@@ -37,32 +37,46 @@ class Plan:
     analysis: Analysis | None = None
 
     def site_indices(self) -> dict[tuple[str, int], tuple[list[int], np.ndarray]]:
-        """For each consumer (tensor, dim): the gates it reads and its position -> value index."""
-        offsets, order = {}, {}
-        for i, gg in enumerate(self.gated):
-            if gg.branches:  # layer units are branch indices, not element classes
-                continue
-            for j, root in enumerate(gg.units):
-                order[root] = (i, j)
+        """For each consumer (tensor, dim): the gates it reads and its position -> value index.
+
+        The value index points into the concatenation of the used gates' values followed by one
+        1 (positions no gate controls); see :class:`~autosparse.gates.GateSite`.
+        """
         sites: dict[tuple[str, int], tuple[list[int], np.ndarray]] = {}
         for i, gg in enumerate(self.gated):
             for j, branch in enumerate(gg.branches):  # layer gates scale the branch's output weight
                 sites[(branch.weight, branch.out_dim)] = ([i], np.full(branch.size, j, dtype=np.int64))
                 if branch.bias:
                     sites[(branch.bias, 0)] = ([i], np.full(branch.size, j, dtype=np.int64))
-        for member in self.analysis.members if self.analysis else []:
+        gate_of, unit_of = self._unit_lookup()
+        sizes = np.array([len(gg.units) for gg in self.gated], dtype=np.int64)
+        members = self.analysis.members if self.analysis is not None and len(gate_of) else []
+        for member in members:
             if member.role != "consumer" or (member.name, member.dim) in sites:
                 continue
-            used = sorted({order[int(r)][0] for r in member.ids if int(r) in order})
-            if not used:
+            ids = np.asarray(member.ids, dtype=np.int64)
+            known = ids < len(gate_of)
+            gate = np.where(known, gate_of[np.where(known, ids, 0)], -1)
+            used = np.unique(gate[gate >= 0])
+            if not len(used):
                 continue
-            for k, gi in enumerate(used):
-                offsets[gi] = sum(len(self.gated[u].units) for u in used[:k])
-            ones = sum(len(self.gated[u].units) for u in used)
-            index = np.array([offsets[order[int(r)][0]] + order[int(r)][1] if int(r) in order else ones
-                              for r in member.ids], dtype=np.int64)
-            sites[(member.name, member.dim)] = (used, index)
+            offset = np.zeros(len(self.gated), dtype=np.int64)
+            offset[used] = np.concatenate([[0], np.cumsum(sizes[used])[:-1]])
+            ones = int(sizes[used].sum())
+            index = np.where(gate >= 0, offset[np.maximum(gate, 0)] + unit_of[np.where(known, ids, 0)], ones)
+            sites[(member.name, member.dim)] = (used.tolist(), index.astype(np.int64))
         return sites
+
+    def _unit_lookup(self) -> tuple[np.ndarray, np.ndarray]:
+        """Arrays over element roots: the gate (-1: none) and the unit within it of each root."""
+        roots = [r for gg in self.gated if not gg.branches for r in gg.units]  # layer units are branches
+        size = max(roots, default=-1) + 1
+        gate_of, unit_of = np.full(size, -1, dtype=np.int64), np.zeros(size, dtype=np.int64)
+        for i, gg in enumerate(self.gated):
+            if not gg.branches:
+                gate_of[gg.units] = i
+                unit_of[gg.units] = np.arange(len(gg.units))
+        return gate_of, unit_of
 
 
 def _key(name: str, taken: set[str]) -> str:
