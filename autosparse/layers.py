@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from autosparse.errors import warn
-from autosparse.nn import ZeroBranch
+from autosparse.nn import IdentityBlock, ZeroBranch
 from autosparse.state import SparsityState, run_model
 
 
@@ -38,24 +38,30 @@ def _branch_outputs(gated: nn.Module, state: SparsityState, names: list[str]) ->
 
 def remove_branches(gated: nn.Module, target: nn.Module, state: SparsityState,
                     branches: list) -> tuple[list[str], list[str]]:
-    """Replace zero-gated branches by :class:`ZeroBranch`; drop list entries left doing nothing."""
+    """Replace zero-gated branches by :class:`ZeroBranch` (a block whose branch is written inline by
+    :class:`IdentityBlock`); drop list entries left doing nothing."""
     if not branches:
         return [], []
     shapes = _branch_outputs(gated, state, [b.module for b in branches])
+    # which lists hold layers of one class, before stand-ins for whole blocks make them look mixed
+    alike = {name for name, m in target.named_modules()
+             if isinstance(m, nn.ModuleList) and len({type(c) for c in m}) == 1}
     replaced = []
     for branch in branches:
         kind = shapes.get(branch.module)
-        if kind is None:
+        if kind is None or (branch.inline and kind != 0):  # a block stand-in returns one tensor
             warn(f"branch '{branch.module}' is gated to zero but returns a structure autosparse cannot "
                  "stand in for; its weights are zeroed but it still runs")
             continue
         parent, _, attr = branch.module.rpartition(".")
-        setattr(target.get_submodule(parent), attr, ZeroBranch(kind, branch.module))
+        stand_in = IdentityBlock(branch.module) if branch.inline else ZeroBranch(kind, branch.module)
+        setattr(target.get_submodule(parent), attr, stand_in)
         replaced.append(branch.module)
-    return replaced, _drop_empty_layers(target, state, set(replaced))
+    return replaced, _drop_empty_layers(target, state, set(replaced), alike)
 
 
-def _drop_empty_layers(target: nn.Module, state: SparsityState, replaced: set[str]) -> list[str]:
+def _drop_empty_layers(target: nn.Module, state: SparsityState, replaced: set[str],
+                       alike: set[str]) -> list[str]:
     """A list entry whose every branch is gone computes ``x -> x``: take it out of its ModuleList.
 
     Only when the analysis found that the entry is nothing but its residual adds (``Branch.stream``)
@@ -69,7 +75,7 @@ def _drop_empty_layers(target: nn.Module, state: SparsityState, replaced: set[st
             continue
         owner = target.get_submodule(owner_name)
         # a stack of like layers only: a mixed list (T5's [attention, feed-forward]) is read by position
-        if isinstance(owner, nn.ModuleList) and len({type(m) for m in owner}) == 1:
+        if isinstance(owner, nn.ModuleList) and owner_name in alike:
             dropped.append(parent)
     for parent in sorted(dropped, key=lambda p: -int(p.rpartition(".")[2])):
         owner_name, _, index = parent.rpartition(".")

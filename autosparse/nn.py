@@ -1,4 +1,4 @@
-"""The one module autosparse may leave in a compacted model: a removed residual branch."""
+"""The modules autosparse may leave in a compacted model: a removed residual branch or block."""
 
 from __future__ import annotations
 
@@ -28,3 +28,20 @@ class ZeroBranch(nn.Module):
 
     def extra_repr(self) -> str:
         return f"replaces={self.replaced!r}"
+
+
+IDENTITY = -1  # the ``tuple_len`` that marks a whole block replaced by an IdentityBlock
+
+
+class IdentityBlock(ZeroBranch):
+    """Stands in for a whole block ``x -> x + f(x)`` whose inline branch's layer gate reached zero.
+
+    It returns its first tensor input. A Record's ``replaced`` marks it with ``tuple_len == -1``
+    (:data:`IDENTITY`), which is why it is a kind of :class:`ZeroBranch`: one record for both.
+    """
+
+    def __init__(self, name: str = "") -> None:
+        super().__init__(IDENTITY, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return next(v for v in list(args) + list(kwargs.values()) if isinstance(v, torch.Tensor))

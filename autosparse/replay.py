@@ -189,18 +189,20 @@ def check_layers(model: nn.Module, replaced: Mapping[str, int], dropped: Sequenc
 
 
 def replay_layers(model: nn.Module, replaced: Mapping[str, int], dropped: Sequence[str]) -> None:
-    """Replace branches by :class:`~autosparse.nn.ZeroBranch` (``{name: tuple_len}``), then drop layers.
+    """Replace branches by :class:`~autosparse.nn.ZeroBranch` (``{name: tuple_len}``; a whole block by
+    :class:`~autosparse.nn.IdentityBlock` where ``tuple_len`` is ``-1``), then drop layers.
 
     Raises:
         PlanMismatchError: a branch or layer does not exist; raised before anything is changed.
     """
     from autosparse.layers import _renumber_layers
-    from autosparse.nn import ZeroBranch
+    from autosparse.nn import IDENTITY, IdentityBlock, ZeroBranch
 
     check_layers(model, replaced, dropped)
     for name, tuple_len in replaced.items():
         parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, ZeroBranch(int(tuple_len), name))
+        stand_in = IdentityBlock(name) if int(tuple_len) == IDENTITY else ZeroBranch(int(tuple_len), name)
+        setattr(model.get_submodule(parent), attr, stand_in)
     for name in sorted(dropped, key=lambda d: -int(d.rpartition(".")[2])):
         owner, _, index = name.rpartition(".")
         del model.get_submodule(owner)[int(index)]

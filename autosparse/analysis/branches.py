@@ -1,4 +1,5 @@
-"""Residual branches (layer granularity): ``y = x + f(x)`` where ``f`` is one child module.
+"""Residual branches (layer granularity): ``y = x + f(x)`` where ``f`` is one child module
+(or is written inline in a block that returns ``x + f(x)``).
 
 A branch qualifies when the add's other operand is the output of a single child module ``C`` of
 the module ``M`` that performs the add, and that output comes straight, through nothing but
@@ -26,6 +27,10 @@ shortcut. Every branch must also pass four checks:
 
 ``Branch.stream`` tells compaction when ``M`` may leave its ModuleList once every branch is gone:
 only when ``M`` is nothing but its residual adds (a post-activation block still computes ``relu(x)``).
+
+Inline branches: a block ``B`` whose own forward ends in ``return x + f(x)`` (Hugging Face
+ConvNeXt) is a branch of its own (``Branch.inline``): with ``g == 0`` it computes ``x``, and
+compaction replaces ``B`` by an ``IdentityBlock``. See :func:`_inline_blocks` for its conditions.
 
 Containers: ``x = x + blocks[i](x)`` makes each ``blocks[i]`` a branch, but a container that is
 itself called (``h = self.layer(x)`` with an ``nn.Sequential``, as Hugging Face ResNet does) is
@@ -91,6 +96,9 @@ class Branch:
     # every branch of ``parent`` when, with all of them zero, ``parent`` returns its input (so a
     # list may drop it); empty when something else runs on the stream, e.g. a post-add ReLU
     stream: tuple[str, ...] = ()
+    # the branch is written inline: ``module`` returns ``x + f(x)`` as its last op, so with g == 0
+    # the whole module computes ``x`` (``module == parent``; see autosparse/analysis/inline.py)
+    inline: bool = False
 
 
 def _clean(path: str) -> str:
@@ -226,8 +234,9 @@ def find_branches(capture: Capture, model: nn.Module) -> list[Branch]:
             found[child] = Branch(child, parent, type(modules[child]).__name__, hit[1], hit[2], hit[3], size)
             adds.setdefault(parent, []).append((node, other))
     streams = {parent: _returns_input(lookup, parent, pairs) for parent, pairs in adds.items()}
-    return [replace(b, stream=tuple(c.module for c in found.values() if c.parent == b.parent))
-            if streams[b.parent] else b for b in found.values()]
+    out = [replace(b, stream=tuple(c.module for c in found.values() if c.parent == b.parent))
+           if streams[b.parent] else b for b in found.values()]
+    return out + _inline_blocks(lookup, model, modules, out)
 
 
 def _is_branch(lookup: _Modules, module: nn.Module, child: str, parent: str, operand: fx.Node,
@@ -316,3 +325,83 @@ def _branch_output_is_module(lookup: _Modules, operand: fx.Node, child: str) -> 
             return False
         node = node.args[0]
     return False
+
+
+# ------------------------------------------------------------------ branches written inline
+_SCALES = {aten.mul.Tensor, aten.div.Tensor, operator.mul, operator.truediv, torch.mul, "mul", "div"}
+_IDENTITY_MODULES = (nn.Identity, nn.Dropout)
+
+
+def _inline_blocks(lookup: _Modules, model: nn.Module, modules: dict[str, nn.Module],
+                   taken: list[Branch]) -> list[Branch]:
+    """Blocks ``B`` whose own forward ends in ``return x + f(x)``: with g == 0, ``B`` computes ``x``.
+
+    The add must be what ``B`` returns, its other operand ``B``'s one input, and ``f`` end in a
+    weight whose output reaches the add only through identity-like ops and scalings by constants
+    (ConvNeXt's layer scale), each read by nothing else. A block next to (or inside) a branch of
+    the child-module rule is left to that rule."""
+    found: dict[str, Branch] = {}
+    for node in lookup.capture.graph.nodes:
+        plain = node.target in _ADDS and len(node.args) == 2 and node.kwargs.get("alpha", 1) == 1
+        block = _path(node) if plain else None  # add(a, b, alpha=2) would not leave x when g == 0
+        if not block or block in found or block not in modules or isinstance(modules[block], _CONTAINERS):
+            continue
+        if any(_nested(block, b.module) for b in [*taken, *found.values()]):
+            continue
+        for operand, other in ((node.args[1], node.args[0]), (node.args[0], node.args[1])):
+            hit = _inline_producer(lookup, block, operand, node)
+            if hit is None or not isinstance(other, fx.Node) or not _returns_skip(lookup, block, node, other):
+                continue
+            size = int(model.get_parameter(hit[1]).shape[hit[3]])
+            kind = type(modules[block]).__name__
+            found[block] = Branch(block, block, kind, hit[1], hit[2], hit[3], size, (block,), inline=True)
+            break
+    return list(found.values())
+
+
+def _nested(a: str, b: str) -> bool:
+    return a == b or a.startswith(f"{b}.") or b.startswith(f"{a}.")
+
+
+def _inline_producer(lookup: _Modules, block: str, operand, add: fx.Node):
+    """Walk back from the add to a weight inside ``block`` through ops that commute with a scalar;
+    every node on the way must be read only by the next one (``g`` folds into the weight's output)."""
+    node, reader = operand, add
+    for _ in range(10):
+        if not isinstance(node, fx.Node) or block not in lookup.stacks[node] or list(node.users) != [reader]:
+            return None
+        reader = node
+        if node.op == "call_module" and isinstance(lookup.capture.module(node), _IDENTITY_MODULES):
+            node = node.args[0] if node.args else None
+        elif node.target in _SCALES and len(node.args) == 2:
+            node = _scaled(lookup.capture, node)
+        elif node.target in _PASS and node.args:
+            node = node.args[0]
+        else:
+            hit = _producer(lookup.capture, node)
+            return hit if hit is not None and hit[0] is node else None
+    return None
+
+
+def _scaled(capture: Capture, node: fx.Node) -> fx.Node | None:
+    """The activation operand of ``a * c`` (or ``a / c``) when ``c`` is a number, parameter or buffer."""
+    first, second = node.args
+    divide = node.target in (aten.div.Tensor, operator.truediv, "div")
+    for act, const in ((first, second), (second, first))[: 1 if divide else 2]:
+        constant = isinstance(const, (int, float)) or (
+            isinstance(const, fx.Node) and (const.op == "get_attr" or capture.tensor_name(const) is not None))
+        if isinstance(act, fx.Node) and constant:
+            return act
+    return None
+
+
+def _returns_skip(lookup: _Modules, block: str, add: fx.Node, other: fx.Node) -> bool:
+    """``block`` reads one activation, adds it unchanged, and returns that add, shaped like it."""
+    skip = _unchanged(other)
+    if block in lookup.stacks[skip] or lookup.inputs(block) != [skip]:
+        return False
+    exits = lookup.exits(block)
+    if not exits or any(_unchanged(n) is not add for n in exits):
+        return False
+    shape = lookup.capture.shape(add)
+    return shape is not None and shape == lookup.capture.shape(skip)
