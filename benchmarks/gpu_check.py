@@ -18,17 +18,11 @@ import torch
 import autosparse
 from benchmarks.bench_gate_overhead import make_step
 from benchmarks.common import base_parser, build, policy_for, stamp, write_result
-from tests.zoo import get_case, output_tensors
+from tests.zoo import get_case, rel_diff
 
 ZOO = ["resnet_bottleneck", "mobilenetv2", "densenet", "hf_resnet_basic", "hf_bert", "hf_llama", "hf_gpt2",
        "mha_block", "torch_encoder", "gqa_block", "hf_swin"]
 
-
-def _rel(a, b) -> float:
-    worst = 0.0
-    for x, y in zip(output_tensors(a), output_tensors(b), strict=True):
-        worst = max(worst, float((x - y).abs().max() / x.abs().max().clamp_min(1e-6)))
-    return worst
 
 
 def exactness(device: str, names: list[str]) -> dict[str, float]:
@@ -43,7 +37,7 @@ def exactness(device: str, names: list[str]) -> dict[str, float]:
             gate.zero_(torch.randperm(gate.size, generator=g)[: gate.size // 2])
         small = autosparse.compact(net)  # verifies in full fp32 (TF32 off)
         with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-            out[name] = _rel(net(*inputs), small(*inputs))
+            out[name] = rel_diff(net(*inputs), small(*inputs))
         print(f"{name:20s} compacted vs gated on {device}: {out[name]:.2e}", flush=True)
     return out
 

@@ -15,7 +15,7 @@ import torch
 import autosparse
 from autosparse.compaction import removed_units
 from autosparse.state import get_state
-from tests.zoo import ALL_CASES, output_tensors
+from tests.zoo import ALL_CASES, rel_diff
 
 POLICY = {"rules": [{"granularity": "channel"}, {"granularity": "head"}]}
 # Cases whose analysis must find attention heads (a regression here means heads were lost).
@@ -24,14 +24,6 @@ EXPECT_HEADS = {"hf_bert", "hf_roberta", "hf_gpt2", "hf_llama", "hf_mistral", "h
                 "torch_encoder", "mha_block", "mha_seq_first"}
 NOT_PRUNABLE = {"channel_shuffle"}  # hard-coded group counts: refused, never guessed
 
-
-def _max_rel_diff(a, b) -> float:
-    worst = 0.0
-    for x, y in zip(output_tensors(a), output_tensors(b), strict=True):
-        assert x.shape == y.shape
-        scale = max(float(x.abs().max()), 1e-6)
-        worst = max(worst, float((x - y).abs().max()) / scale)
-    return worst
 
 
 def _zero_random(net, seed: int, mode: str) -> None:
@@ -98,7 +90,7 @@ def test_zoo_equivalence(case):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "original modified"
     assert type(net) is type(model)
     with torch.no_grad():
-        assert _max_rel_diff(reference, net(*inputs)) <= 1e-6
+        assert rel_diff(reference, net(*inputs)) <= 1e-6
     gates = autosparse.gates(net)
     assert gates, "no gate attached"
     if case.name in EXPECT_HEADS:
@@ -111,8 +103,8 @@ def test_zoo_equivalence(case):
             gated_out = trial(*inputs)
         small = autosparse.compact(trial)
         with torch.no_grad():
-            assert _max_rel_diff(gated_out, small(*inputs)) <= 1e-5
-            assert _max_rel_diff(gated_out, trial(*inputs)) == 0.0, "compact changed the gated model"
+            assert rel_diff(gated_out, small(*inputs)) <= 1e-5
+            assert rel_diff(gated_out, trial(*inputs)) == 0.0, "compact changed the gated model"
             small(*_resized(inputs))  # attributes consistent with the new shapes
         assert sum(p.numel() for p in small.parameters()) == expected
         assert not any(hasattr(m, "parametrizations") for m in small.modules())

@@ -17,8 +17,10 @@ from torch import nn
 
 import autosparse
 from autosparse.errors import AutosparseWarning
+from autosparse.measure import count_params
 from autosparse.nn import ZeroBranch
 from tests import zoo
+from tests.zoo import rel_diff
 
 LAYER = {"rules": [{"granularity": "layer"}]}
 LAYER_AND_CHANNEL = {"rules": [{"granularity": "layer"}, {"granularity": "channel"}]}
@@ -122,53 +124,46 @@ CASES = {
 }
 
 
-def _rel(a, b) -> float:
-    return max(float((x - y).abs().max()) / max(float(x.abs().max()), 1e-6)
-               for x, y in zip(zoo.output_tensors(a), zoo.output_tensors(b), strict=True))
 
-
-def _run(model: nn.Module, x: torch.Tensor):
+def run_no_grad(model: nn.Module, x: torch.Tensor):
     with torch.no_grad():
         return model(x)
 
 
-def _sparsify(model: nn.Module, policy: dict, inputs: tuple) -> nn.Module:
+def sparsify_quietly(model: nn.Module, policy: dict, inputs: tuple) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", AutosparseWarning)  # rules that match nothing in a mixed policy
         return autosparse.sparsify(model, policy, example_inputs=inputs)
 
 
-def _layer_gate(net: nn.Module) -> autosparse.Gate:
+def layer_gate(net: nn.Module) -> autosparse.Gate:
     (gate,) = [g for g in autosparse.gates(net).values() if g.granularity == "layer"]
     return gate
 
-
-def _params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_identity_shortcut_blocks_are_offered_and_removed_exactly(name):
     build, expected = CASES[name]
     model, inputs = build()
-    net = _sparsify(model, LAYER, inputs)
-    gate = _layer_gate(net)
+    net = sparsify_quietly(model, LAYER, inputs)
+    gate = layer_gate(net)
     assert list(gate.modules_controlled) == expected  # downsample blocks are not offered
-    assert _rel(_run(model, inputs[0]), _run(net, inputs[0])) <= 1e-6
+    assert rel_diff(run_no_grad(model, inputs[0]), run_no_grad(net, inputs[0])) <= 1e-6
     removed = [0, len(expected) - 1] if len(expected) > 2 else [0]
     gate.zero_(removed)
-    gated = _run(net, inputs[0])
+    gated = run_no_grad(net, inputs[0])
     small = autosparse.compact(net)
     assert small._autosparse_record.replaced == [expected[i] for i in removed]
     assert small._autosparse_record.dropped_layers == []  # the blocks' own ReLU still runs
-    assert _rel(gated, _run(small, inputs[0])) <= 1e-5
+    assert rel_diff(gated, run_no_grad(small, inputs[0])) <= 1e-5
     for i in removed:
         stand_in = small.get_submodule(expected[i])
         assert isinstance(stand_in, ZeroBranch) and not list(stand_in.parameters())
-    dropped = sum(_params(model.get_submodule(expected[i])) for i in removed)
-    assert _params(small) == _params(model) - dropped
+    dropped = sum(count_params(model.get_submodule(expected[i])) for i in removed)
+    assert count_params(small) == count_params(model) - dropped
     bigger = torch.randn(2, 3, 48, 48)  # ZeroBranch follows its input's shape
-    assert _rel(_run(net, bigger), _run(small, bigger)) <= 1e-5
+    assert rel_diff(run_no_grad(net, bigger), run_no_grad(small, bigger)) <= 1e-5
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -177,14 +172,14 @@ def test_layer_and_channel_gates_compact_exactly(name):
     model, inputs = build()
     rng = np.random.default_rng(0)
     for _ in range(3):
-        net = _sparsify(model, LAYER_AND_CHANNEL, inputs)
-        assert list(_layer_gate(net).modules_controlled) == expected
+        net = sparsify_quietly(model, LAYER_AND_CHANNEL, inputs)
+        assert list(layer_gate(net).modules_controlled) == expected
         for gate in autosparse.gates(net).values():
             gate.zero_(rng.permutation(gate.size)[: int(rng.integers(1, gate.size))].tolist())
-        gated = _run(net, inputs[0])
+        gated = run_no_grad(net, inputs[0])
         small = autosparse.compact(net)  # verify=True: raises if not equivalent
-        assert _rel(gated, _run(small, inputs[0])) <= 1e-5
-        assert _params(small) < _params(model)
+        assert rel_diff(gated, run_no_grad(small, inputs[0])) <= 1e-5
+        assert count_params(small) < count_params(model)
         for replaced in small._autosparse_record.replaced:
             assert isinstance(small.get_submodule(replaced), ZeroBranch)
 
@@ -192,13 +187,13 @@ def test_layer_and_channel_gates_compact_exactly(name):
 def test_gate_folds_into_batchnorm_exactly_in_training_mode():
     build, _ = CASES["block_net"]
     model, inputs = build()
-    net = _sparsify(model, LAYER, inputs)
+    net = sparsify_quietly(model, LAYER, inputs)
     with torch.no_grad():
-        _layer_gate(net).gamma.copy_(torch.tensor([0.3, -0.2, 0.1]))  # all kept, unequal values
+        layer_gate(net).gamma.copy_(torch.tensor([0.3, -0.2, 0.1]))  # all kept, unequal values
     small = autosparse.compact(net)
     assert small._autosparse_record.replaced == []
     net.train(), small.train()  # batch statistics do not depend on the BatchNorm's weight and bias
-    assert _rel(_run(net, inputs[0]), _run(small, inputs[0])) <= 1e-5
+    assert rel_diff(run_no_grad(net, inputs[0]), run_no_grad(small, inputs[0])) <= 1e-5
 
 
 @pytest.mark.parametrize("build", [functools.partial(zoo._build, downsample_net, zoo._image),
@@ -206,14 +201,14 @@ def test_gate_folds_into_batchnorm_exactly_in_training_mode():
 def test_downsample_blocks_only_give_no_layer_gates(build):
     model, inputs = build()
     with pytest.raises(autosparse.NoGatesError):
-        _sparsify(model, LAYER, inputs)
+        sparsify_quietly(model, LAYER, inputs)
 
 
 @pytest.mark.parametrize("name", ["block_net", "hf_resnet_basic"])
 def test_save_load_round_trip(name, tmp_path):
     build, _ = CASES[name]
     model, inputs = build()
-    net = _sparsify(model, LAYER_AND_CHANNEL, inputs)
+    net = sparsify_quietly(model, LAYER_AND_CHANNEL, inputs)
     for gate in autosparse.gates(net).values():
         gate.zero_([0])
     small = autosparse.compact(net)
@@ -221,8 +216,8 @@ def test_save_load_round_trip(name, tmp_path):
     directory = autosparse.save(small, tmp_path / name, example_inputs=inputs)
     loaded = autosparse.load(directory, build()[0])
     assert isinstance(loaded.get_submodule(small._autosparse_record.replaced[0]), ZeroBranch)
-    assert _params(loaded) == _params(small)
-    assert _rel(_run(small, inputs[0]), _run(loaded.eval(), inputs[0])) == 0.0
+    assert count_params(loaded) == count_params(small)
+    assert rel_diff(run_no_grad(small, inputs[0]), run_no_grad(loaded.eval(), inputs[0])) == 0.0
 
 
 class NormEnded(nn.Module):
@@ -260,41 +255,41 @@ class NormEnded(nn.Module):
 def test_group_and_layer_norm_ends_fold_exactly(norm, export):
     torch.manual_seed(0)
     model, inputs = NormEnded(norm, export).eval(), (torch.randn(2, 3, 8, 8),)
-    net = _sparsify(model, LAYER, inputs)
-    gate = _layer_gate(net)
+    net = sparsify_quietly(model, LAYER, inputs)
+    gate = layer_gate(net)
     assert list(gate.modules_controlled) == ["blocks.0", "blocks.1", "blocks.2"]
-    assert _rel(_run(model, inputs[0]), _run(net, inputs[0])) <= 1e-6
+    assert rel_diff(run_no_grad(model, inputs[0]), run_no_grad(net, inputs[0])) <= 1e-6
     with torch.no_grad():
         gate.gamma.copy_(torch.tensor([0.3, -0.2, 0.1]))  # unequal values folded into the norm
     gate.zero_([1])
-    gated = _run(net, inputs[0])
+    gated = run_no_grad(net, inputs[0])
     small = autosparse.compact(net)
     assert small._autosparse_record.replaced == ["blocks.1"]
-    assert _rel(gated, _run(small, inputs[0])) <= 1e-5
+    assert rel_diff(gated, run_no_grad(small, inputs[0])) <= 1e-5
 
 
 # ------------------------------------------------------------------ which list entries may go
 def test_layer_is_kept_while_an_ungated_branch_still_runs():
     model, inputs = zoo.get_case("hf_llama").build()
-    net = _sparsify(model, {"rules": [{"granularity": "layer", "types": ["LlamaMLP"]}]}, inputs)
-    _layer_gate(net).zero_([0])  # layer 0 loses its MLP; its attention has no gate and stays
-    gated = _run(net, inputs[0])
+    net = sparsify_quietly(model, {"rules": [{"granularity": "layer", "types": ["LlamaMLP"]}]}, inputs)
+    layer_gate(net).zero_([0])  # layer 0 loses its MLP; its attention has no gate and stays
+    gated = run_no_grad(net, inputs[0])
     small = autosparse.compact(net)
     record = small._autosparse_record
     assert record.replaced == ["model.layers.0.mlp"] and record.dropped_layers == []
-    assert _rel(gated, _run(small, inputs[0])) <= 1e-5
+    assert rel_diff(gated, run_no_grad(small, inputs[0])) <= 1e-5
 
 
 def test_t5_position_bias_attention_is_not_a_branch_and_mixed_lists_keep_their_entries():
     model, inputs = zoo.get_case("hf_t5_encoder").build()
-    net = _sparsify(model, LAYER, inputs)
+    net = sparsify_quietly(model, LAYER, inputs)
     # block 0's attention also returns the position bias later blocks read: no ZeroBranch for it,
     # which leaves block 1's attention alone in its kind (no gate)
     assert [list(g.modules_controlled) for g in autosparse.gates(net).values()] == [
         [f"encoder.block.{i}.layer.1.DenseReluDense" for i in range(2)]]
-    _layer_gate(net).zero_([0])
-    gated = _run(net, inputs[0])
+    layer_gate(net).zero_([0])
+    gated = run_no_grad(net, inputs[0])
     small = autosparse.compact(net)
     # block.0.layer is [attention, feed-forward], read by position: the emptied entry stays
     assert small._autosparse_record.dropped_layers == []
-    assert _rel(gated, _run(small, inputs[0])) <= 1e-5
+    assert rel_diff(gated, run_no_grad(small, inputs[0])) <= 1e-5

@@ -6,7 +6,6 @@ computes ``x``, so compaction replaces it by an IdentityBlock (or drops it from 
 from __future__ import annotations
 
 import functools
-import warnings
 
 import numpy as np
 import pytest
@@ -14,12 +13,11 @@ import torch
 from torch import nn
 
 import autosparse
-from autosparse.errors import AutosparseWarning
+from autosparse.measure import count_params
 from autosparse.nn import IdentityBlock
 from tests import zoo
-
-LAYER = {"rules": [{"granularity": "layer"}]}
-LAYER_AND_CHANNEL = {"rules": [{"granularity": "layer"}, {"granularity": "channel"}]}
+from tests.test_layers_cnn import LAYER, LAYER_AND_CHANNEL, layer_gate, run_no_grad, sparsify_quietly
+from tests.zoo import rel_diff
 
 
 class Block(nn.Module):
@@ -86,55 +84,35 @@ CASES = {
 }
 
 
-def _rel(a, b) -> float:
-    return max(float((x - y).abs().max()) / max(float(x.abs().max()), 1e-6)
-               for x, y in zip(zoo.output_tensors(a), zoo.output_tensors(b), strict=True))
 
 
-def _run(model: nn.Module, x: torch.Tensor):
-    with torch.no_grad():
-        return model(x)
 
-
-def _sparsify(model: nn.Module, policy: dict, inputs: tuple) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AutosparseWarning)  # rules that match nothing in a mixed policy
-        return autosparse.sparsify(model, policy, example_inputs=inputs)
-
-
-def _layer_gate(net: nn.Module) -> autosparse.Gate:
-    (gate,) = [g for g in autosparse.gates(net).values() if g.granularity == "layer"]
-    return gate
-
-
-def _params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_inline_blocks_are_offered_and_removed_exactly(name):
     build, expected, in_list, bigger = CASES[name]
     model, inputs = build()
-    net = _sparsify(model, LAYER, inputs)
-    gate = _layer_gate(net)
+    net = sparsify_quietly(model, LAYER, inputs)
+    gate = layer_gate(net)
     assert list(gate.modules_controlled) == expected
-    assert _rel(_run(model, inputs[0]), _run(net, inputs[0])) <= 1e-6
+    assert rel_diff(run_no_grad(model, inputs[0]), run_no_grad(net, inputs[0])) <= 1e-6
     with torch.no_grad():
         gate.gamma.copy_(torch.linspace(0.3, -0.2, gate.size))  # unequal values folded into the last weight
     removed = [0, len(expected) - 1]
     gate.zero_(removed)
-    gated = _run(net, inputs[0])
+    gated = run_no_grad(net, inputs[0])
     small = autosparse.compact(net)
     record = small._autosparse_record
     assert record.replaced == [expected[i] for i in removed]
     assert record.dropped_layers == ([expected[i] for i in removed] if in_list else [])
-    assert _rel(gated, _run(small, inputs[0])) <= 1e-5
+    assert rel_diff(gated, run_no_grad(small, inputs[0])) <= 1e-5
     if not in_list:
         assert all(isinstance(small.get_submodule(expected[i]), IdentityBlock) for i in removed)
     assert not any(isinstance(m, IdentityBlock) for m in small.modules()) or not in_list
-    dropped = sum(_params(model.get_submodule(expected[i])) for i in removed)
-    assert _params(small) == _params(model) - dropped
-    assert _rel(_run(net, bigger), _run(small, bigger)) <= 1e-5
+    dropped = sum(count_params(model.get_submodule(expected[i])) for i in removed)
+    assert count_params(small) == count_params(model) - dropped
+    assert rel_diff(run_no_grad(net, bigger), run_no_grad(small, bigger)) <= 1e-5
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -143,22 +121,22 @@ def test_layer_and_channel_gates_compact_exactly(name):
     model, inputs = build()
     rng = np.random.default_rng(0)
     for _ in range(3):
-        net = _sparsify(model, LAYER_AND_CHANNEL, inputs)
-        assert list(_layer_gate(net).modules_controlled) == expected
+        net = sparsify_quietly(model, LAYER_AND_CHANNEL, inputs)
+        assert list(layer_gate(net).modules_controlled) == expected
         for gate in autosparse.gates(net).values():
             gate.zero_(rng.permutation(gate.size)[: int(rng.integers(1, gate.size))].tolist())
-        gated = _run(net, inputs[0])
+        gated = run_no_grad(net, inputs[0])
         small = autosparse.compact(net)  # verify=True: raises if not equivalent
-        assert _rel(gated, _run(small, inputs[0])) <= 1e-5
-        assert _rel(_run(net, bigger), _run(small, bigger)) <= 1e-5
-        assert _params(small) < _params(model)
+        assert rel_diff(gated, run_no_grad(small, inputs[0])) <= 1e-5
+        assert rel_diff(run_no_grad(net, bigger), run_no_grad(small, bigger)) <= 1e-5
+        assert count_params(small) < count_params(model)
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_save_load_round_trip(name, tmp_path):
     build, _, _, _ = CASES[name]
     model, inputs = build()
-    net = _sparsify(model, LAYER_AND_CHANNEL, inputs)
+    net = sparsify_quietly(model, LAYER_AND_CHANNEL, inputs)
     for gate in autosparse.gates(net).values():
         gate.zero_([0])
     small = autosparse.compact(net)
@@ -166,27 +144,27 @@ def test_save_load_round_trip(name, tmp_path):
     directory = autosparse.save(small, tmp_path / name, example_inputs=inputs)
     loaded = autosparse.load(directory, build()[0])
     assert [type(m) for m in loaded.modules()] == [type(m) for m in small.modules()]
-    assert _params(loaded) == _params(small)
-    assert _rel(_run(small, inputs[0]), _run(loaded.eval(), inputs[0])) == 0.0
+    assert count_params(loaded) == count_params(small)
+    assert rel_diff(run_no_grad(small, inputs[0]), run_no_grad(loaded.eval(), inputs[0])) == 0.0
 
 
 def test_gate_folds_exactly_in_training_mode():
     build, *_ = CASES["hf_convnext"]
     model, inputs = build()
-    net = _sparsify(model, LAYER, inputs)
+    net = sparsify_quietly(model, LAYER, inputs)
     with torch.no_grad():
-        _layer_gate(net).gamma.copy_(torch.tensor([0.3, -0.2, 0.1, 0.7]))  # all kept, unequal values
+        layer_gate(net).gamma.copy_(torch.tensor([0.3, -0.2, 0.1, 0.7]))  # all kept, unequal values
     small = autosparse.compact(net)
     assert small._autosparse_record.replaced == []
     net.train(), small.train()
-    assert _rel(_run(net, inputs[0]), _run(small, inputs[0])) <= 1e-5
+    assert rel_diff(run_no_grad(net, inputs[0]), run_no_grad(small, inputs[0])) <= 1e-5
 
 
 @pytest.mark.parametrize("variant", ["after", "project", "reused", "alpha", "gated"])
 def test_blocks_that_are_not_x_plus_a_foldable_branch_give_no_layer_gates(variant):
     model, inputs = zoo._build(functools.partial(LoopNet, variant), _tokens)
     with pytest.raises(autosparse.NoGatesError):
-        _sparsify(model, LAYER, inputs)
+        sparsify_quietly(model, LAYER, inputs)
 
 
 def test_default_convnext_config_offers_every_layer():
@@ -194,5 +172,5 @@ def test_default_convnext_config_offers_every_layer():
 
     config = transformers.ConvNextConfig(num_channels=3, num_stages=2, hidden_sizes=[8, 16], depths=[2, 2])
     model = transformers.ConvNextModel(config).eval()  # layer scale 1e-6: the branches barely count
-    net = _sparsify(model, LAYER, (torch.randn(2, 3, 32, 32),))
-    assert list(_layer_gate(net).modules_controlled) == _LAYERS
+    net = sparsify_quietly(model, LAYER, (torch.randn(2, 3, 32, 32),))
+    assert list(layer_gate(net).modules_controlled) == _LAYERS

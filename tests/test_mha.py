@@ -14,13 +14,10 @@ from torch import nn
 import autosparse
 from autosparse import io
 from autosparse.mha import PrunedMultiheadAttention
-from tests.zoo import get_case
+from tests.zoo import get_case, rel_diff
 
 HEADS = {"rules": [{"granularity": "head"}, {"granularity": "channel"}]}
 
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / a.abs().max().clamp_min(1e-6))
 
 
 def _compact_encoder() -> tuple[nn.Module, nn.Module, tuple]:
@@ -48,9 +45,9 @@ def test_encoder_with_padding_mask_matches_under_and_outside_no_grad(grad: bool)
     padding = torch.zeros(x.shape[:2], dtype=torch.bool)
     padding[0, -3:] = True  # no_grad + eval + mask is where nn.TransformerEncoder takes its fused path
     with torch.set_grad_enabled(grad):
-        assert _rel(net(x, src_key_padding_mask=padding), small(x, src_key_padding_mask=padding)) <= 1e-5
+        assert rel_diff(net(x, src_key_padding_mask=padding), small(x, src_key_padding_mask=padding)) <= 1e-5
         causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
-        assert _rel(net(x, mask=causal), small(x, mask=causal)) <= 1e-5
+        assert rel_diff(net(x, mask=causal), small(x, mask=causal)) <= 1e-5
 
 
 def test_encoder_with_nested_tensor_fast_path_matches_at_real_positions():
@@ -68,7 +65,7 @@ def test_encoder_with_nested_tensor_fast_path_matches_at_real_positions():
     with torch.no_grad():  # the gated model packs a nested tensor (zeros at padding), the compacted one cannot
         gated, compacted = net(x, src_key_padding_mask=padding), small(x, src_key_padding_mask=padding)
     real = ~padding
-    assert _rel(gated[real], compacted[real]) <= 1e-5
+    assert rel_diff(gated[real], compacted[real]) <= 1e-5
 
 
 def test_returned_attention_weights_pin_the_heads():
@@ -118,7 +115,7 @@ def test_cross_attention_keeps_shared_projection_columns_whole():
     gates["attn"].zero_([1, 3])
     small = autosparse.compact(net)
     with torch.no_grad():
-        assert _rel(net(*inputs), small(*inputs)) <= 1e-5
+        assert rel_diff(net(*inputs), small(*inputs)) <= 1e-5
     assert small.attn.num_heads == 2 and small.query.out_features == 32
 
 
@@ -133,7 +130,7 @@ def test_unbatched_inputs_and_the_callers_model_class_are_preserved():
         gate.zero_([1])
     small = autosparse.compact(net)
     with torch.no_grad():
-        assert _rel(net(x), small(x)) <= 1e-5
+        assert rel_diff(net(x), small(x)) <= 1e-5
         assert small(torch.randn(3, 9, 32)).shape == (3, 9, 32)
 
 

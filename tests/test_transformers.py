@@ -7,15 +7,11 @@ import pytest
 import torch
 
 import autosparse
-from tests.zoo import get_case, output_tensors
+from tests.zoo import get_case, rel_diff
 
 LAYER_CASES = ["hf_llama", "hf_mistral", "hf_qwen2", "hf_qwen3", "hf_gpt2", "hf_vit"]
 ALL_GRANULARITIES = {"rules": [{"granularity": "head"}, {"granularity": "channel"}, {"granularity": "layer"}]}
 
-
-def _rel(a, b) -> float:
-    return max(float((x - y).abs().max()) / max(float(x.abs().max()), 1e-6)
-               for x, y in zip(output_tensors(a), output_tensors(b), strict=True))
 
 
 @pytest.mark.parametrize("name", LAYER_CASES)
@@ -25,7 +21,7 @@ def test_layer_gates_remove_branches_and_layers(name):
     gates = autosparse.gates(net)
     assert len(gates) == 2 and all(g.granularity == "layer" and g.size == 2 for g in gates.values())
     with torch.no_grad():
-        assert _rel(model(*inputs), net(*inputs)) <= 1e-6
+        assert rel_diff(model(*inputs), net(*inputs)) <= 1e-6
     for gate in gates.values():
         gate.zero_([0])  # every branch of the first block
     with torch.no_grad():
@@ -35,7 +31,7 @@ def test_layer_gates_remove_branches_and_layers(name):
     record = small._autosparse_record
     assert len(record.replaced) == 2 and len(record.dropped_layers) == 1
     with torch.no_grad():
-        assert _rel(gated, small(*inputs)) <= 1e-5
+        assert rel_diff(gated, small(*inputs)) <= 1e-5
     layers = [m for m in small.modules() if isinstance(m, torch.nn.ModuleList) and len(m) >= 1]
     assert min(len(m) for m in layers) == 1
     if hasattr(small, "config") and hasattr(small.config, "num_hidden_layers"):
@@ -56,7 +52,7 @@ def test_layer_gate_nonzero_value_is_folded():
     small = autosparse.compact(net)
     assert small._autosparse_record.replaced == []
     with torch.no_grad():
-        assert _rel(gated, small(*inputs)) <= 1e-5
+        assert rel_diff(gated, small(*inputs)) <= 1e-5
 
 
 @pytest.mark.parametrize("name", ["hf_llama", "hf_gpt2", "hf_qwen3"])
@@ -126,7 +122,7 @@ def test_uniform_widths_update_the_config_and_reload_with_from_pretrained(tmp_pa
     small.save_pretrained(tmp_path)
     reloaded = type(small).from_pretrained(tmp_path)
     with torch.no_grad():
-        assert _rel(small(*inputs), reloaded(*inputs)) <= 1e-6
+        assert rel_diff(small(*inputs), reloaded(*inputs)) <= 1e-6
 
 
 def test_torch_transformer_encoder_layers_are_not_offered_as_branches():

@@ -25,22 +25,12 @@ from torch.nn.utils import parametrize
 import autosparse
 from autosparse.measure import count_flops, count_params
 from tests import zoo
-from tests.zoo import channel_shuffle, classifier, conv_bn, get_case, output_tensors
+from tests.zoo import channel_shuffle, classifier, conv_bn, get_case, rel_diff
 
 CHANNEL = {"rules": [{"granularity": "channel"}]}
 HEAD = {"rules": [{"granularity": "head"}]}
 HEAD_CHANNEL = {"rules": [{"granularity": "head"}, {"granularity": "channel"}]}
 
-
-def _rel(a, b) -> float:
-    """Max abs difference of two outputs relative to the first one's scale."""
-    pairs = list(zip(output_tensors(a), output_tensors(b), strict=True))
-    assert pairs
-    worst = 0.0
-    for x, y in pairs:
-        assert x.shape == y.shape
-        worst = max(worst, float((x - y).abs().max()) / max(float(x.abs().max()), 1e-6))
-    return worst
 
 
 def _run(model: nn.Module, *inputs, **kwargs):
@@ -94,7 +84,7 @@ def test_channel_shuffle_is_refused_with_a_reason_and_the_branch_inside_still_pr
     _zero_random(net, 0)
     gated = _run(net, *inputs)
     small = autosparse.compact(net)
-    assert _rel(gated, _run(small, *inputs)) <= 1e-5
+    assert rel_diff(gated, _run(small, *inputs)) <= 1e-5
     assert small[0][0].out_channels == 16 and small[1].branch[2][0].out_channels == 8  # shuffled: whole
     assert small[1].branch[0][0].out_channels < 8
 
@@ -109,7 +99,7 @@ def test_pixel_shuffle_units_are_whole_r_squared_channel_blocks():
     gated = _run(net, *inputs)
     small = autosparse.compact(net)
     assert small[0][0].out_channels == 8 and small[2][0].in_channels == 2  # 2 kept units x r^2
-    assert _rel(gated, _run(small, *inputs)) <= 1e-5
+    assert rel_diff(gated, _run(small, *inputs)) <= 1e-5
     assert _run(small, torch.randn(3, 3, 24, 24)).shape == (3, 3, 48, 48)
 
 
@@ -123,13 +113,13 @@ def test_swin_heads_and_mlp_compact_exactly_with_the_relative_position_tables():
         gate.zero_(rng.permutation(gate.size)[: gate.size // 2].tolist())
     gated = _run(net, *inputs)
     small = autosparse.compact(net)
-    assert _rel(gated, _run(small, *inputs)) <= 1e-5
+    assert rel_diff(gated, _run(small, *inputs)) <= 1e-5
     for stage, heads in ((0, 1), (1, 2)):
         attn = small.encoder.layers[stage].blocks[0].attention
         assert attn.num_attention_heads == heads and attn.q_proj.out_features == heads * attn.head_dim
         assert attn.relative_position_bias.relative_position_bias_table.shape[1] == heads
     bigger = torch.randn(3, 3, 32, 32)
-    assert _rel(_run(net, bigger), _run(small, bigger)) <= 1e-5
+    assert rel_diff(_run(net, bigger), _run(small, bigger)) <= 1e-5
 
 
 class FPN(nn.Module):
@@ -167,7 +157,7 @@ def test_fpn_detector_with_top_down_skips_compacts_exactly():
         _zero_random(trial, seed)
         gated = _run(trial, *inputs)
         small = autosparse.compact(trial)
-        assert _rel(gated, _run(small, *inputs)) <= 1e-5
+        assert rel_diff(gated, _run(small, *inputs)) <= 1e-5
         assert small.c3[0].out_channels == small.inner[1].in_channels < 16
 
 
@@ -245,7 +235,7 @@ def test_yolov8_c2f_chunk_compacts_exactly_without_a_rewrite():
         _zero_random(trial, seed)
         gated = _run(trial, *inputs)
         small = autosparse.compact(trial)
-        assert _rel(gated, _run(small, *inputs)) <= 1e-5  # USER-NEEDS best: OTO's sanity check (<= 1e-4)
+        assert rel_diff(gated, _run(small, *inputs)) <= 1e-5  # USER-NEEDS best: OTO's sanity check (<= 1e-4)
         c2f, half = small.c2f, small.c2f.m[0].cv1.conv.in_channels
         assert type(c2f) is C2f and half < 16
         assert c2f.cv1.conv.out_channels == 2 * half and c2f.cv2.conv.in_channels == 4 * half
@@ -308,7 +298,7 @@ def test_uniform_widths_reload_with_plain_from_pretrained(tmp_path: Path):
     reloaded = transformers.MistralForCausalLM.from_pretrained(directory, attn_implementation="eager")
     assert count_params(reloaded) == count_params(small) < count_params(model)
     tokens = torch.randint(0, 64, (3, 5))
-    assert _rel(_run(small, tokens), _run(reloaded, tokens)) <= 1e-6
+    assert rel_diff(_run(small, tokens), _run(reloaded, tokens)) <= 1e-6
 
 
 # ================================================================== 4. stale attributes after head pruning
@@ -329,7 +319,7 @@ def test_bert_attributes_match_the_weights_per_layer_at_a_new_length():
     ids = torch.randint(0, 64, (3, 5))  # another batch size and sequence length, with padding
     mask = torch.ones(3, 5, dtype=torch.long)
     mask[0, 3:] = 0
-    assert _rel(_run(net, ids, attention_mask=mask), _run(small, ids, attention_mask=mask)) <= 1e-5
+    assert rel_diff(_run(net, ids, attention_mask=mask), _run(small, ids, attention_mask=mask)) <= 1e-5
 
 
 def test_llama_attributes_match_the_weights_after_kv_group_pruning():
@@ -344,7 +334,7 @@ def test_llama_attributes_match_the_weights_after_kv_group_pruning():
         assert attn.q_proj.out_features == kv * attn.num_key_value_groups * attn.head_dim
         assert attn.o_proj.in_features == attn.q_proj.out_features
     tokens = torch.randint(0, 64, (1, 11))
-    assert _rel(_run(net, tokens), _run(small, tokens)) <= 1e-5
+    assert rel_diff(_run(net, tokens), _run(small, tokens)) <= 1e-5
 
 
 # ================================================================== 5. GQA / LLM constraints
@@ -369,7 +359,7 @@ def test_gqa_units_are_kv_groups_and_the_compacted_layout_is_valid():
     assert torch.equal(after.o_proj.weight, before.o_proj.weight[:, 16:32])
     assert after.num_key_value_groups == 4
     tokens = torch.randint(0, 64, (2, 13))
-    assert _rel(_run(net, tokens), _run(small, tokens)) <= 1e-5
+    assert rel_diff(_run(net, tokens), _run(small, tokens)) <= 1e-5
 
 
 def test_mqa_query_heads_compact():
@@ -382,7 +372,7 @@ def test_mqa_query_heads_compact():
     small = autosparse.compact(net)
     attn = small.model.layers[0].self_attn
     assert attn.q_proj.out_features == 5 * 4 and attn.num_key_value_groups == 5
-    assert _rel(_run(net, *inputs), _run(small, *inputs)) <= 1e-5
+    assert rel_diff(_run(net, *inputs), _run(small, *inputs)) <= 1e-5
 
 
 # ================================================================== 6. hardware-friendly widths
@@ -398,7 +388,7 @@ def test_round_to_8_gives_multiples_of_8_after_compaction():
         kept = [gate.kept() for gate in autosparse.gates(net).values()]
         gated = _run(net, *inputs)
         small = autosparse.compact(net)  # the zero-gated units kept for rounding contribute nothing
-        assert _rel(gated, _run(small, *inputs)) <= 1e-5
+        assert rel_diff(gated, _run(small, *inputs)) <= 1e-5
         got = [small[i][0].out_channels for i in range(3)]
         assert got == [min(n, -(-k // 8) * 8) for n, k in zip(widths, kept, strict=True)]
         assert all(w % 8 == 0 for w in got) and sum(got) < sum(widths)
@@ -442,7 +432,7 @@ def test_grouped_conv_with_three_groups_loses_whole_groups():
     autosparse.gates(net)["3.0"].zero_([0, 5])
     gated = _run(net, *inputs)
     small = autosparse.compact(net)
-    assert _rel(gated, _run(small, *inputs)) <= 1e-5
+    assert rel_diff(gated, _run(small, *inputs)) <= 1e-5
     assert (small[0][0].out_channels, small[1][0].groups, small[1][0].out_channels) == (8, 2, 8)
     assert (small[2][0].groups, small[2][0].in_channels, small[2][0].out_channels) == (2, 8, 16)
     assert small[1][0].weight.shape == (8, 4, 3, 3) and small[2][0].weight.shape == (16, 4, 1, 1)
@@ -474,7 +464,7 @@ def test_one_channel_convs_are_not_mistaken_for_depthwise():
     gates["body.0"].zero_(range(0, 16, 2))
     gated = _run(net, *inputs)
     small = autosparse.compact(net)
-    assert _rel(gated, _run(small, *inputs)) <= 1e-5
+    assert rel_diff(gated, _run(small, *inputs)) <= 1e-5
     assert (small.stem[0].in_channels, small.stem[0].out_channels, small.body[0].out_channels) == (1, 5, 8)
     assert (small.att.in_channels, small.att.out_channels) == (8, 1)
     assert small.refine.weight.shape == (1, 1, 3, 3)
@@ -516,7 +506,7 @@ def test_tokenizer_dict_inputs_get_a_typed_error_that_says_what_to_pass():
     assert advice in str(info.value)
     net = autosparse.sparsify(model, CHANNEL, example_inputs=(encoded["input_ids"], encoded["attention_mask"]))
     assert type(net) is type(model) and net.config.to_dict() == model.config.to_dict()
-    assert _rel(_run(model, **encoded), _run(net, **encoded)) <= 1e-6  # called exactly as before
+    assert rel_diff(_run(model, **encoded), _run(net, **encoded)) <= 1e-6  # called exactly as before
 
 
 class ShapeBranch(nn.Module):
@@ -600,7 +590,7 @@ def test_compact_accepts_the_ddp_wrapper(single_process_group):
         gate.zero_([0, 1])
     small = autosparse.compact(ddp)
     assert count_params(small) < count_params(net)
-    assert _rel(_run(net, *inputs), _run(small, *inputs)) <= 1e-5
+    assert rel_diff(_run(net, *inputs), _run(small, *inputs)) <= 1e-5
 
 
 # ================================================================== 10. custom layers and bare parameters
@@ -627,7 +617,7 @@ def test_bare_parameters_follow_the_dim_they_act_on_not_their_size():
     small = autosparse.compact(net)
     assert small.per_channel.shape == (13, 1, 1) and small.per_column.shape == (16,)
     assert torch.equal(small.per_column, model.per_column)
-    assert _rel(gated, _run(small, *inputs)) <= 1e-5
+    assert rel_diff(gated, _run(small, *inputs)) <= 1e-5
 
 
 class ConvNeXtBNBlock(zoo.ConvNeXtBlock):
@@ -663,7 +653,7 @@ def test_convnext_layer_scale_is_sliced_with_the_stream_or_reported():
     small = autosparse.compact(net)
     keep = [i for i in range(16) if i not in (0, 3, 5)]
     assert torch.equal(small[1].gamma, model[1].gamma[keep]) and small[2].fc2.out_features == 13
-    assert _rel(gated, _run(small, *inputs)) <= 1e-5
+    assert rel_diff(gated, _run(small, *inputs)) <= 1e-5
 
 
 @torch.library.custom_op("autosparse_user_needs::softclip", mutates_args=())
@@ -701,7 +691,7 @@ def test_custom_op_is_reported_and_a_user_rule_makes_it_prunable():
     autosparse.gates(net)["c1"].zero_([2, 7])
     gated = _run(net, *inputs)
     small = autosparse.compact(net)
-    assert small.c1.out_channels == 14 and _rel(gated, _run(small, *inputs)) <= 1e-5
+    assert small.c1.out_channels == 14 and rel_diff(gated, _run(small, *inputs)) <= 1e-5
 
 
 def test_custom_op_rule_keyed_by_the_decorated_function():
@@ -725,7 +715,7 @@ def test_qwen3_q_norm_and_k_norm_keep_head_dim_whole():
     assert attn.q_norm.weight.shape == attn.k_norm.weight.shape == (8,) and attn.head_dim == 8
     assert (attn.q_proj.out_features, attn.k_proj.out_features) == (16, 8)
     tokens = torch.randint(0, 64, (2, 6))
-    assert _rel(_run(net, tokens), _run(small, tokens)) <= 1e-5
+    assert rel_diff(_run(net, tokens), _run(small, tokens)) <= 1e-5
 
 
 # ================================================================== what the best of them do
@@ -756,7 +746,7 @@ def test_any_global_ratio_compacts(fraction: float):
         gate.zero_(range(int(round(fraction * gate.size))))
     gated = _run(net, *inputs)
     small = autosparse.compact(net)
-    assert _rel(gated, _run(small, *inputs)) <= 1e-5
+    assert rel_diff(gated, _run(small, *inputs)) <= 1e-5
     groups = small._autosparse_record.groups
     assert all(1 <= g["after"] <= g["before"] for g in groups.values())
     if fraction == 1.0:

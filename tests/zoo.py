@@ -67,6 +67,17 @@ def output_tensors(out: object) -> list[torch.Tensor]:
     return []
 
 
+def rel_diff(a: object, b: object) -> float:
+    """Max abs difference of two model outputs, relative to the first one's scale (1e-6 at least)."""
+    pairs = list(zip(output_tensors(a), output_tensors(b), strict=True))
+    assert pairs, "no output tensors to compare"
+    worst = 0.0
+    for x, y in pairs:
+        assert x.shape == y.shape
+        worst = max(worst, float((x - y).abs().max()) / max(float(x.abs().max()), 1e-6))
+    return worst
+
+
 # ---------------------------------------------------------------- inputs and builders
 def _image(channels: int = 3, size: int = 32) -> torch.Tensor:
     return torch.randn(2, channels, size, size)
