@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from autosparse.gates import TINY_SHARE, Gate
+from autosparse.gates import TINY_SHARE, Gate, remove_hooks, threshold
 
 
 class _Layout:
@@ -40,8 +40,7 @@ def batched_values(gates: list[Gate], layout: _Layout) -> list[torch.Tensor]:
     gammas = torch.cat([g.gamma.float() for g in gates])
     padded = torch.full(layout.mask.shape, float("-inf"), device=layout.device).masked_scatter(layout.mask, gammas)
     shares = torch.softmax(padded, dim=1)
-    raw = torch.relu(layout.count * shares - layout.tau) / (1.0 - layout.tau)
-    flat = raw[layout.mask].masked_fill(torch.cat([g.forced_off for g in gates]), 0.0)
+    flat = threshold(shares, layout.count, layout.tau)[layout.mask].masked_fill(torch.cat([g.forced_off for g in gates]), 0.0)
     return list(flat.split(layout.sizes))
 
 
@@ -113,12 +112,6 @@ def batch_gates(model: nn.Module, gates: list[Gate]) -> None:
 
 def unbatch_gates(model: nn.Module) -> None:
     """Remove the hooks of :func:`batch_gates` (compaction leaves no gate behind)."""
-    for key, hook in list(model._forward_pre_hooks.items()):
-        if isinstance(hook, _StartForward):
-            for gate in hook.gates:
-                gate.lend(None)
-            del model._forward_pre_hooks[key]
-    for key, hook in list(model._forward_hooks.items()):
-        if isinstance(hook, _EndForward):
-            del model._forward_hooks[key]
-            model._forward_hooks_always_called.pop(key, None)
+    for hook in remove_hooks(model, _StartForward, _EndForward):
+        for gate in hook.gates:
+            gate.lend(None)

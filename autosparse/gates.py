@@ -29,6 +29,11 @@ from torch import nn
 TINY_SHARE = 1e-30
 
 
+def threshold(shares: torch.Tensor, count: float | torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    """The gate of the method, ``relu(n * share - tau) / (1 - tau)``; ``count``/``tau`` may be per-row columns."""
+    return torch.relu(count * shares - tau) / (1.0 - tau)
+
+
 class Gate(nn.Module):
     """One differentiable gate over the ``size`` units of a group.
 
@@ -64,8 +69,7 @@ class Gate(nn.Module):
         lent = self.__dict__.get("_lent")
         if lent is not None:  # inside a forward: computed with every other gate (gate_batch)
             return lent
-        raw = torch.relu(self.size * self.shares() - self.tau) / (1.0 - self.tau)
-        return raw.masked_fill(self.forced_off, 0.0)
+        return threshold(self.shares(), self.size, self.tau).masked_fill(self.forced_off, 0.0)
 
     def lend(self, values: torch.Tensor | None) -> None:
         """Use ``values`` (this gate's row of a batched computation) until lent ``None`` again."""
@@ -119,11 +123,6 @@ class GateSite(nn.Module):
         # cat + gather (whose backward is a scatter) needed.
         self.whole = len(self.gates) == 1 and np.array_equal(np.asarray(index), np.arange(self.gates[0].size))
         self.on_input = False
-
-    def __setstate__(self, state: dict) -> None:
-        state.setdefault("whole", False)  # sites pickled before these attributes existed
-        state.setdefault("on_input", False)
-        super().__setstate__(state)
 
     def values(self) -> torch.Tensor:
         """The gate value of every position along ``dim`` (fp32, 1-D)."""
@@ -200,17 +199,12 @@ class _GateInput:
 class _EndGateInput:
     """Forward hook (always called, also on error): the weight is gated again outside the forward."""
 
-    def __init__(self, start: _GateInput | None = None) -> None:
-        self.start = start
+    def __init__(self, start: _GateInput) -> None:
+        self.start = start  # the pre-hook of the same module: it knows the site it flagged
 
     def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
-        site = self.start.site if self.start is not None else None
-        if site is not None:
-            site.__dict__["on_input"] = False
-            return
-        for site in _weight_sites(module):
-            if isinstance(site, GateSite):
-                site.on_input = False
+        if self.start.site is not None:
+            self.start.site.__dict__["on_input"] = False
 
 
 def gate_inputs(model: nn.Module) -> int:
@@ -232,15 +226,23 @@ def gate_inputs(model: nn.Module) -> int:
     return count
 
 
-def remove_input_gating(module: nn.Module) -> None:
-    """Drop the hooks of :func:`gate_inputs` from one module (before its gates are folded away)."""
+def remove_hooks(module: nn.Module, pre: type, post: type) -> list:
+    """Remove ``module``'s forward pre-hooks of class ``pre`` and forward hooks of class ``post``;
+    return the pre-hooks removed."""
+    removed = []
     for key, hook in list(module._forward_pre_hooks.items()):
-        if isinstance(hook, _GateInput):
-            del module._forward_pre_hooks[key]
+        if isinstance(hook, pre):
+            removed.append(module._forward_pre_hooks.pop(key))
     for key, hook in list(module._forward_hooks.items()):
-        if isinstance(hook, _EndGateInput):
+        if isinstance(hook, post):
             del module._forward_hooks[key]
             module._forward_hooks_always_called.pop(key, None)
+    return removed
+
+
+def remove_input_gating(module: nn.Module) -> None:
+    """Drop the hooks of :func:`gate_inputs` from one module (before its gates are folded away)."""
+    remove_hooks(module, _GateInput, _EndGateInput)
     for site in _weight_sites(module):
         if isinstance(site, GateSite):
             site.on_input = False

@@ -35,6 +35,11 @@ def supported(module: nn.Module) -> bool:
             and module.bias_k is None and module.bias_v is None and not module.add_zero_attn)
 
 
+def prunable(module: nn.Module) -> bool:
+    """A supported ``nn.MultiheadAttention``, or one autosparse already made a :class:`PrunedMultiheadAttention`."""
+    return supported(module) or type(module) is PrunedMultiheadAttention
+
+
 @contextlib.contextmanager
 def traceable_attention(model: nn.Module) -> Iterator[None]:
     """Let the tracers see inside every supported ``nn.MultiheadAttention`` of ``model``.
@@ -172,7 +177,7 @@ def _causal_mask(tgt_len: int, src_len: int, like: torch.Tensor) -> torch.Tensor
 
 def to_pruned(module: nn.MultiheadAttention) -> None:
     """Make ``module`` (already sliced) a :class:`PrunedMultiheadAttention` with consistent sizes."""
-    if not supported(module) and type(module) is not PrunedMultiheadAttention:
+    if not prunable(module):
         return
     module.__class__ = PrunedMultiheadAttention
     module.num_heads = module.in_proj_weight.shape[0] // 3 // module.head_dim

@@ -116,10 +116,9 @@ def head_count_attribute(module: nn.Module, value: int) -> str | None:
     """The name of ``module``'s head-count attribute equal to ``value``, if ``fix_attention`` can
     rewrite it after compaction (it needs a query projection and an integer head_dim)."""
     if isinstance(module, nn.MultiheadAttention):  # compaction makes it a PrunedMultiheadAttention
-        from autosparse.mha import supported
+        from autosparse.mha import prunable
 
-        pruned = supported(module) or type(module).__name__ == "PrunedMultiheadAttention"
-        return "num_heads" if pruned and module.num_heads == value else None
+        return "num_heads" if prunable(module) and module.num_heads == value else None
     layout = head_layout(module)
     if layout is None:
         return None
