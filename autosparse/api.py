@@ -13,7 +13,7 @@ from torch.nn.utils import parametrize
 from autosparse.analysis import DEFAULT_RULES, analyze
 from autosparse.analysis.branches import find_branches
 from autosparse.analysis.registry import Handler, RuleKey
-from autosparse.capture import call_kwargs, capture, normalize_inputs
+from autosparse.capture import capture
 from autosparse.compaction import compact_model
 from autosparse.errors import AlreadySparsifiedError, ExampleInputsError
 from autosparse.gate_batch import batch_gates
@@ -68,10 +68,8 @@ def sparsify(
     # be trained; sparsify prepares a model for training, so it opts out of that mode here.
     with torch.inference_mode(False):
         target = model if inplace else copy.deepcopy(model)
-        inputs = normalize_inputs(model, example_inputs)
-        kwargs = call_kwargs(model)
         gate_list = _attach(target, plan, policy)
-    target.__dict__[STATE_ATTR] = SparsityState(plan, policy, tuple(inputs), kwargs, gate_list)
+    target.__dict__[STATE_ATTR] = SparsityState(plan, policy, captured.inputs, captured.kwargs, gate_list)
     gate_inputs(target)  # the cheaper multiply where an input is smaller than its weight (exact)
     batch_gates(target, gate_list)  # one batched gate computation per forward (autosparse.gate_batch)
     return target

@@ -33,6 +33,8 @@ class Capture:
     tensor_names: dict[str, str] = field(default_factory=dict)  # node name -> parameter/buffer FQN
     seconds: float = 0.0
     model: nn.Module | None = None  # the captured model itself (module attributes, never mutated)
+    inputs: tuple = ()  # the example inputs as captured (positional) ...
+    kwargs: dict[str, Any] = field(default_factory=dict)  # ... and the keyword inputs added (use_cache)
 
     def shape(self, node: Any) -> tuple[int, ...] | None:
         """The static shape of a node's tensor output, or None when it is not a tensor."""
@@ -229,7 +231,7 @@ def capture(model: nn.Module, example_inputs: Any) -> Capture:
     finally:
         for module, mode in modes.items():
             module.training = mode
-    result.model = model
+    result.model, result.inputs, result.kwargs = model, inputs, kwargs
     result.seconds = time.perf_counter() - start
     return result
 
