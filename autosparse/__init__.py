@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from autosparse import training
 from autosparse.api import compact, gates, penalty, sparsify
-from autosparse.checkpoints import load_gated_state
 from autosparse.errors import (
     AlreadySparsifiedError,
     AutosparseError,
@@ -25,14 +24,15 @@ from autosparse.errors import (
     PlanMismatchError,
     PolicyError,
 )
-from autosparse.explain import explain
-from autosparse.exporter import export
-from autosparse.gates import Gate
-from autosparse.hard_concrete import HardConcreteGate
-from autosparse.io import load, save
-from autosparse.logger import GateLogger
-from autosparse.policy import Policy, load_policy
-from autosparse.reporting import report
+from autosparse.gating.gate import Gate
+from autosparse.gating.hard_concrete import HardConcreteGate
+from autosparse.io.checkpoints import load_gated_state
+from autosparse.io.export import export
+from autosparse.io.save_load import load, save
+from autosparse.policy.document import Policy, load_policy
+from autosparse.reporting.explain import explain
+from autosparse.reporting.logger import GateLogger
+from autosparse.reporting.report import report
 
 __version__ = "0.1.0"
 

@@ -14,14 +14,15 @@ from autosparse.analysis import DEFAULT_RULES, analyze
 from autosparse.analysis.branches import find_branches
 from autosparse.analysis.registry import Handler, RuleKey
 from autosparse.capture import capture
-from autosparse.compaction import compact_model
+from autosparse.compaction.compact import compact_model
 from autosparse.errors import AlreadySparsifiedError, ExampleInputsError
-from autosparse.gate_batch import batch_gates
-from autosparse.gates import Gate, GateSite, gate_inputs
-from autosparse.hard_concrete import HardConcreteGate
+from autosparse.gating.batch import batch_gates
+from autosparse.gating.gate import Gate, GateSite, gate_inputs
+from autosparse.gating.registry import gate_class
 from autosparse.plan import Plan, make_plan
-from autosparse.policy import Policy, load_policy
+from autosparse.policy.document import Policy, load_policy
 from autosparse.state import STATE_ATTR, SparsityState, get_state, is_sparsified, unwrap
+from autosparse.training.schedule import penalty_value
 
 
 def sparsify(
@@ -82,7 +83,7 @@ def _attach(model: nn.Module, plan: Plan, policy: Policy) -> list[Gate]:
     appears once in ``state_dict`` and containers such as ``nn.Sequential`` stay untouched.
     """
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    gate_cls = HardConcreteGate if policy.gate.kind == "hard_concrete" else Gate
+    gate_cls = gate_class(policy.gate.kind)
     gate_list = [
         gate_cls(gg.name, gg.group.granularity, len(gg.units), tau=policy.gate.tau,
              modules=gg.group.producers, penalty_weight=gg.rule.penalty_weight).to(device)
@@ -133,8 +134,6 @@ def penalty(model: nn.Module) -> torch.Tensor:
     Example:
         >>> loss = criterion(net(x), y) + autosparse.penalty(net)
     """
-    from autosparse.training import penalty_value  # training builds on the verbs of this module
-
     return penalty_value(model)
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import fx, nn
 
 from autosparse.errors import CaptureError, ExampleInputsError
-from autosparse.mha import traceable_attention
+from autosparse.modules.mha import traceable_attention
 
 
 @dataclass

@@ -22,6 +22,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from autosparse import io
+from autosparse.api import compact, gates, sparsify
+from autosparse.compaction.record import record_of
+from autosparse.errors import PlanMismatchError
+from autosparse.io.export import export
+from autosparse.reporting.explain import explain
+from autosparse.reporting.report import report
+
 
 class UsageError(Exception):
     """The command line cannot be acted on (exit code 2)."""
@@ -114,17 +122,15 @@ def _shape(text: str) -> tuple[int, ...]:
 
 # ---------------------------------------------------------------------------------- commands
 def _inspect(args: argparse.Namespace) -> int:
-    import autosparse
-
     model, built_inputs = build_model(args.model)
     inputs = _inputs(args, model, built_inputs)
     _require_file(args.policy, "policy")
     with _progress("inspect", 2) as tick:
-        net = autosparse.sparsify(model, args.policy, example_inputs=inputs)
+        net = sparsify(model, args.policy, example_inputs=inputs)
         tick()
-        explanation = autosparse.explain(net)
+        explanation = explain(net)
         tick()
-    gated = autosparse.gates(net)
+    gated = gates(net)
     if args.json:
         print(json.dumps({"model": args.model, "policy": args.policy,
                           "gates": {name: g.size for name, g in gated.items()}, **explanation.to_dict()}, indent=1))
@@ -136,9 +142,6 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _compact(args: argparse.Namespace) -> int:
-    import autosparse
-    from autosparse import io
-
     meta = _read_meta(args.checkpoint, io.CHECKPOINT)
     spec = args.model or meta.get("model_spec")
     if not spec:
@@ -146,12 +149,12 @@ def _compact(args: argparse.Namespace) -> int:
     with _progress("compact", 3) as tick:
         net = io.load_checkpoint(args.checkpoint, build_model(spec)[0])
         tick()
-        small = autosparse.compact(net, verify=not args.no_verify)
+        small = compact(net, verify=not args.no_verify)
         tick()
         io.save(small, args.out, model_spec=spec, example_inputs=io.load_inputs(args.checkpoint),
                 overwrite=args.overwrite)
         tick()
-    for name, units in small._autosparse_record.groups.items():
+    for name, units in record_of(small).groups.items():
         print(f"{name}: {units['before']} -> {units['after']}")
     before, after = (sum(p.numel() for p in m.parameters()) for m in (net, small))
     print(f"wrote {args.out}: {after:,} params (gated model: {before:,})")
@@ -159,9 +162,6 @@ def _compact(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from autosparse import io
-    from autosparse.exporter import export
-
     small, meta = _load_saved(args.saved, args.model)
     inputs = _inputs(args, small, io.load_inputs(args.saved))
     fmt = args.format or ("onnx" if args.out.endswith(".onnx") else "torch")
@@ -174,9 +174,6 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from autosparse import io
-    from autosparse.reporting import report
-
     root = Path(args.path)
     if (root / io.CHECKPOINT).exists():
         meta = _read_meta(args.path, io.CHECKPOINT)
@@ -272,29 +269,23 @@ def _read_meta(directory: str, name: str) -> dict[str, Any]:
     if not Path(directory).is_dir():
         raise UsageError(f"{directory!r} is not a directory")
     if not path.is_file():
-        from autosparse.errors import PlanMismatchError
-
         what = "checkpoint" if name == "checkpoint.json" else "save"
         raise PlanMismatchError(f"{directory} is not an autosparse {what}: it has no {name}")
     return json.loads(path.read_text())
 
 
 def _load_saved(directory: str, spec: str | None) -> tuple[nn.Module, dict[str, Any]]:
-    from autosparse import io
-
     meta = _read_meta(directory, io.PLAN)
     base = _base_model(directory, meta, spec) if (spec or meta.get("model_spec") or not meta.get("hf")) else None
     return io.load(directory, base, inplace=True), meta
 
 
 def _base_model(directory: str, meta: dict[str, Any], spec: str | None) -> nn.Module:
-    from autosparse import io
-
     spec = spec or meta.get("model_spec")
     if spec:
         return build_model(spec)[0]
     if meta.get("hf"):
-        return io._hf_base(meta, Path(directory)).eval()
+        return io.hf_base_model(meta, Path(directory)).eval()
     raise UsageError(f"{directory} records no model_spec; pass --model pkg.module:build")
 
 

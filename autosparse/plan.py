@@ -10,7 +10,7 @@ from torch import nn
 from autosparse.analysis import Analysis, Group
 from autosparse.analysis.branches import Branch
 from autosparse.errors import NoGatesError, warn
-from autosparse.policy import Policy, Rule
+from autosparse.policy.document import Policy, Rule
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Plan:
         """For each consumer (tensor, dim): the gates it reads and its position -> value index.
 
         The value index points into the concatenation of the used gates' values followed by one
-        1 (positions no gate controls); see :class:`~autosparse.gates.GateSite`.
+        1 (positions no gate controls); see :class:`~autosparse.gating.gate.GateSite`.
         """
         sites: dict[tuple[str, int], tuple[list[int], np.ndarray]] = {}
         for i, gg in enumerate(self.gated):

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from autosparse.errors import NotSparsifiedError
-from autosparse.gates import Gate
+from autosparse.gating.gate import Gate
 from autosparse.plan import Plan
-from autosparse.policy import Policy
+from autosparse.policy.document import Policy
 
 STATE_ATTR = "_autosparse"
 

@@ -37,8 +37,8 @@ import torch
 from torch import nn
 
 import autosparse
-from autosparse.data import Dataset, load
 from autosparse.demo import accuracy, budget_policy, fit, wide_cnn
+from autosparse.demo.data import Dataset, load
 from autosparse.measure import count_flops, count_params, measure_latency
 from benchmarks.common import stamp
 
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str))
     text = table(rows)
     (args.out / f"{stem}.md").write_text(f"{_header(report)}\n\n{text}\n")
-    from autosparse.plots import plot_accuracy_vs_flops
+    from autosparse.reporting.plots import plot_accuracy_vs_flops
 
     for dataset in args.datasets:
         points = [

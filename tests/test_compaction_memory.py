@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import autosparse
+from autosparse.compaction.record import record_of
 from tests.zoo import get_case
 
 
@@ -27,7 +28,7 @@ def _net() -> tuple[nn.Module, tuple]:
 def _sliced(net: nn.Module) -> dict[str, torch.Tensor]:
     """The gated model's tensors that compaction slices, by name (a gated weight: its original)."""
     out = {}
-    for name in autosparse.compact(copy.deepcopy(net), verify=False)._autosparse_record.kept:
+    for name in record_of(autosparse.compact(copy.deepcopy(net), verify=False)).kept:
         owner_name, _, attr = name.rpartition(".")
         owner = net.get_submodule(owner_name)
         chains = getattr(owner, "parametrizations", None)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from autosparse import demo
-from autosparse.data import load, load_digits, load_mnist1d
+from autosparse.demo.data import load, load_digits, load_mnist1d
 
 
 def test_quick_demo_trains_compacts_and_lands_on_budget(capsys: pytest.CaptureFixture[str]) -> None:

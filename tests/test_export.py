@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from autosparse.errors import ExportError
-from autosparse.exporter import export
+from autosparse.io.export import export
 from autosparse.measure import count_params
 from tests.test_io import _assert_same, _fresh, _gated, _outputs, compacted
 

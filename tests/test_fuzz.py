@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 
 import autosparse
 from autosparse.compaction import removed_branches, removed_units
+from autosparse.compaction.record import record_of
 from autosparse.errors import AutosparseWarning, CompactionError, NoGatesError
 from autosparse.state import get_state, is_sparsified
 from tests.fuzz import KNOWN_BUGS, OPS, Spec, generate
@@ -191,7 +192,7 @@ def check_spec(spec: Spec, *, verify: bool = True, known_bugs: frozenset[str] = 
     small.seen = {}
     outputs(small, x)
     assert small.seen == model.seen, "a refused op's input changed shape: channels were compacted through it"
-    n_removed = sum(v["before"] - v["after"] for v in small._autosparse_record.groups.values())
+    n_removed = sum(v["before"] - v["after"] for v in record_of(small).groups.values())
     return Outcome("compacted", len(autosparse.gates(net)), n_removed)
 
 

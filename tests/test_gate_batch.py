@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import autosparse
-from autosparse.gate_batch import _StartForward, unbatch_gates
+from autosparse.gating.batch import _StartForward, unbatch_gates
 from tests.zoo import get_case, output_tensors
 
 POLICY = {"rules": [{"granularity": "channel"}, {"granularity": "head"}]}

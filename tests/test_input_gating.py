@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import autosparse
-from autosparse.gates import GateSite, _GateInput, remove_input_gating
+from autosparse.gating.gate import GateSite, _GateInput, remove_input_gating
 from autosparse.state import get_state
 
 POLICY = {"rules": [{"granularity": "channel"}]}
@@ -122,7 +122,7 @@ def test_hooks_survive_copies_and_leave_with_compaction() -> None:
 
 
 def test_site_with_one_whole_gate_reads_its_values_directly() -> None:
-    from autosparse.gates import Gate
+    from autosparse.gating.gate import Gate
 
     gate, other = Gate("a", "channel", 4), Gate("b", "channel", 2)
     with torch.no_grad():

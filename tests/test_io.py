@@ -14,8 +14,9 @@ from torch import nn
 
 import autosparse
 from autosparse import io
+from autosparse.compaction.record import record_of
+from autosparse.compaction.replay import architecture
 from autosparse.errors import NotSparsifiedError, PlanMismatchError
-from autosparse.replay import architecture
 from tests.zoo import get_case, output_tensors
 
 POLICY = "configs/channels.yaml"
@@ -80,8 +81,8 @@ def test_cnn_round_trip_equal_outputs(cnn_save: Path) -> None:
     loaded = io.load(cnn_save, base)
     _assert_same(_outputs(loaded, inputs), _outputs(small, inputs))
     assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in small.parameters()) == 3684
-    assert loaded._autosparse_record.kept == small._autosparse_record.kept
-    assert architecture(base) == small._autosparse_record.base_shapes  # the base was copied, not sliced
+    assert record_of(loaded).kept == record_of(small).kept
+    assert architecture(base) == record_of(small).base_shapes  # the base was copied, not sliced
     assert {p.name for p in cnn_save.iterdir()} == {"plan.json", "model.safetensors", "inputs.safetensors"}
     _assert_same(list(io.load_inputs(cnn_save)), list(inputs))
 

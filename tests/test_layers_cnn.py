@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import autosparse
+from autosparse.compaction.record import record_of
 from autosparse.errors import AutosparseWarning
 from autosparse.measure import count_params
-from autosparse.nn import ZeroBranch
+from autosparse.modules.blocks import ZeroBranch
 from tests import zoo
 from tests.zoo import rel_diff
 
@@ -154,8 +155,8 @@ def test_identity_shortcut_blocks_are_offered_and_removed_exactly(name):
     gate.zero_(removed)
     gated = run_no_grad(net, inputs[0])
     small = autosparse.compact(net)
-    assert small._autosparse_record.replaced == [expected[i] for i in removed]
-    assert small._autosparse_record.dropped_layers == []  # the blocks' own ReLU still runs
+    assert record_of(small).replaced == [expected[i] for i in removed]
+    assert record_of(small).dropped_layers == []  # the blocks' own ReLU still runs
     assert rel_diff(gated, run_no_grad(small, inputs[0])) <= 1e-5
     for i in removed:
         stand_in = small.get_submodule(expected[i])
@@ -180,7 +181,7 @@ def test_layer_and_channel_gates_compact_exactly(name):
         small = autosparse.compact(net)  # verify=True: raises if not equivalent
         assert rel_diff(gated, run_no_grad(small, inputs[0])) <= 1e-5
         assert count_params(small) < count_params(model)
-        for replaced in small._autosparse_record.replaced:
+        for replaced in record_of(small).replaced:
             assert isinstance(small.get_submodule(replaced), ZeroBranch)
 
 
@@ -191,7 +192,7 @@ def test_gate_folds_into_batchnorm_exactly_in_training_mode():
     with torch.no_grad():
         layer_gate(net).gamma.copy_(torch.tensor([0.3, -0.2, 0.1]))  # all kept, unequal values
     small = autosparse.compact(net)
-    assert small._autosparse_record.replaced == []
+    assert record_of(small).replaced == []
     net.train(), small.train()  # batch statistics do not depend on the BatchNorm's weight and bias
     assert rel_diff(run_no_grad(net, inputs[0]), run_no_grad(small, inputs[0])) <= 1e-5
 
@@ -212,10 +213,10 @@ def test_save_load_round_trip(name, tmp_path):
     for gate in autosparse.gates(net).values():
         gate.zero_([0])
     small = autosparse.compact(net)
-    assert small._autosparse_record.replaced
+    assert record_of(small).replaced
     directory = autosparse.save(small, tmp_path / name, example_inputs=inputs)
     loaded = autosparse.load(directory, build()[0])
-    assert isinstance(loaded.get_submodule(small._autosparse_record.replaced[0]), ZeroBranch)
+    assert isinstance(loaded.get_submodule(record_of(small).replaced[0]), ZeroBranch)
     assert count_params(loaded) == count_params(small)
     assert rel_diff(run_no_grad(small, inputs[0]), run_no_grad(loaded.eval(), inputs[0])) == 0.0
 
@@ -264,7 +265,7 @@ def test_group_and_layer_norm_ends_fold_exactly(norm, export):
     gate.zero_([1])
     gated = run_no_grad(net, inputs[0])
     small = autosparse.compact(net)
-    assert small._autosparse_record.replaced == ["blocks.1"]
+    assert record_of(small).replaced == ["blocks.1"]
     assert rel_diff(gated, run_no_grad(small, inputs[0])) <= 1e-5
 
 
@@ -275,7 +276,7 @@ def test_layer_is_kept_while_an_ungated_branch_still_runs():
     layer_gate(net).zero_([0])  # layer 0 loses its MLP; its attention has no gate and stays
     gated = run_no_grad(net, inputs[0])
     small = autosparse.compact(net)
-    record = small._autosparse_record
+    record = record_of(small)
     assert record.replaced == ["model.layers.0.mlp"] and record.dropped_layers == []
     assert rel_diff(gated, run_no_grad(small, inputs[0])) <= 1e-5
 
@@ -291,5 +292,5 @@ def test_t5_position_bias_attention_is_not_a_branch_and_mixed_lists_keep_their_e
     gated = run_no_grad(net, inputs[0])
     small = autosparse.compact(net)
     # block.0.layer is [attention, feed-forward], read by position: the emptied entry stays
-    assert small._autosparse_record.dropped_layers == []
+    assert record_of(small).dropped_layers == []
     assert rel_diff(gated, run_no_grad(small, inputs[0])) <= 1e-5

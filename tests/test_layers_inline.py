@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 import autosparse
+from autosparse.compaction.record import record_of
 from autosparse.measure import count_params
-from autosparse.nn import IdentityBlock
+from autosparse.modules.blocks import IdentityBlock
 from tests import zoo
 from tests.test_layers_cnn import LAYER, LAYER_AND_CHANNEL, layer_gate, run_no_grad, sparsify_quietly
 from tests.zoo import rel_diff
@@ -103,7 +104,7 @@ def test_inline_blocks_are_offered_and_removed_exactly(name):
     gate.zero_(removed)
     gated = run_no_grad(net, inputs[0])
     small = autosparse.compact(net)
-    record = small._autosparse_record
+    record = record_of(small)
     assert record.replaced == [expected[i] for i in removed]
     assert record.dropped_layers == ([expected[i] for i in removed] if in_list else [])
     assert rel_diff(gated, run_no_grad(small, inputs[0])) <= 1e-5
@@ -140,7 +141,7 @@ def test_save_load_round_trip(name, tmp_path):
     for gate in autosparse.gates(net).values():
         gate.zero_([0])
     small = autosparse.compact(net)
-    assert small._autosparse_record.replaced
+    assert record_of(small).replaced
     directory = autosparse.save(small, tmp_path / name, example_inputs=inputs)
     loaded = autosparse.load(directory, build()[0])
     assert [type(m) for m in loaded.modules()] == [type(m) for m in small.modules()]
@@ -155,7 +156,7 @@ def test_gate_folds_exactly_in_training_mode():
     with torch.no_grad():
         layer_gate(net).gamma.copy_(torch.tensor([0.3, -0.2, 0.1, 0.7]))  # all kept, unequal values
     small = autosparse.compact(net)
-    assert small._autosparse_record.replaced == []
+    assert record_of(small).replaced == []
     net.train(), small.train()
     assert rel_diff(run_no_grad(net, inputs[0]), run_no_grad(small, inputs[0])) <= 1e-5
 

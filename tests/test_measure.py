@@ -193,7 +193,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def _plots():
     pytest.importorskip("matplotlib")
-    from autosparse import plots
+    from autosparse.reporting import plots
 
     return plots
 

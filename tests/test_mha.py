@@ -13,7 +13,7 @@ from torch import nn
 
 import autosparse
 from autosparse import io
-from autosparse.mha import PrunedMultiheadAttention
+from autosparse.modules.mha import PrunedMultiheadAttention
 from tests.zoo import get_case, rel_diff
 
 HEADS = {"rules": [{"granularity": "head"}, {"granularity": "channel"}]}

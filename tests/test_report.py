@@ -12,8 +12,8 @@ from torch import nn
 
 import autosparse
 from autosparse.errors import ExampleInputsError
-from autosparse.logger import GateLogger
 from autosparse.reporting import report
+from autosparse.reporting.logger import GateLogger
 
 
 def _sparsify(model: nn.Module, x: torch.Tensor) -> nn.Module:

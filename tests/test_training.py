@@ -13,12 +13,12 @@ from torch import nn
 
 import autosparse
 from autosparse import training
-from autosparse.budget import Controller, build_cost_model, enforce
-from autosparse.data import load_digits
 from autosparse.demo import budget_policy, fit, wide_cnn
+from autosparse.demo.data import load_digits
 from autosparse.errors import AutosparseWarning, PolicyError
 from autosparse.measure import count_flops, count_params
 from autosparse.policy import Schedule
+from autosparse.training.budget import Controller, build_cost_model, enforce
 from tests.zoo import get_case
 
 torch.set_num_threads(2)
@@ -292,7 +292,7 @@ def test_unreachable_budget_names_the_key(metric: str) -> None:
 
 
 def test_history_is_thinned_not_unbounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(training, "HISTORY", 5)
+    monkeypatch.setattr(training.schedule, "HISTORY", 5)
     net, _ = _net()
     for _ in range(40):
         training.step(net)
@@ -307,8 +307,8 @@ def test_history_is_thinned_not_unbounded(monkeypatch: pytest.MonkeyPatch) -> No
 
 def _use_hard_concrete(net: nn.Module) -> None:
     """Swap every gate of a sparsified model for a hard-concrete one (what gate.kind will select)."""
-    from autosparse.gates import GateSite
-    from autosparse.hard_concrete import HardConcreteGate
+    from autosparse.gating.gate import GateSite
+    from autosparse.gating.hard_concrete import HardConcreteGate
 
     state = net._autosparse
     new = {
@@ -327,7 +327,7 @@ def _use_hard_concrete(net: nn.Module) -> None:
 
 
 def test_hard_concrete_gate_is_exact_when_fresh_and_samples_only_in_training() -> None:
-    from autosparse.hard_concrete import HardConcreteGate
+    from autosparse.gating.hard_concrete import HardConcreteGate
 
     gate = HardConcreteGate("g", "channel", 64).eval()  # in training mode it samples, like dropout
     assert torch.equal(gate.values(), torch.ones(64)) and gate.kept() == 64

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import autosparse
+from autosparse.compaction.record import record_of
 from tests.zoo import get_case, rel_diff
 
 LAYER_CASES = ["hf_llama", "hf_mistral", "hf_qwen2", "hf_qwen3", "hf_gpt2", "hf_vit"]
@@ -28,7 +29,7 @@ def test_layer_gates_remove_branches_and_layers(name):
         gated = net(*inputs)
     small = autosparse.compact(net)
     assert type(small) is type(model)
-    record = small._autosparse_record
+    record = record_of(small)
     assert len(record.replaced) == 2 and len(record.dropped_layers) == 1
     with torch.no_grad():
         assert rel_diff(gated, small(*inputs)) <= 1e-5
@@ -50,7 +51,7 @@ def test_layer_gate_nonzero_value_is_folded():
     with torch.no_grad():
         gated = net(*inputs)
     small = autosparse.compact(net)
-    assert small._autosparse_record.replaced == []
+    assert record_of(small).replaced == []
     with torch.no_grad():
         assert rel_diff(gated, small(*inputs)) <= 1e-5
 

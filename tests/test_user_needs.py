@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import autosparse
+from autosparse.compaction.record import record_of
 from autosparse.measure import count_flops, count_params
 from tests import zoo
 from tests.zoo import channel_shuffle, classifier, conv_bn, get_case, rel_diff
@@ -747,7 +748,7 @@ def test_any_global_ratio_compacts(fraction: float):
     gated = _run(net, *inputs)
     small = autosparse.compact(net)
     assert rel_diff(gated, _run(small, *inputs)) <= 1e-5
-    groups = small._autosparse_record.groups
+    groups = record_of(small).groups
     assert all(1 <= g["after"] <= g["before"] for g in groups.values())
     if fraction == 1.0:
         assert all(g["after"] == 1 for g in groups.values())

@@ -5,10 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
-from torch import nn
-
-from autosparse import mha
-from autosparse.analysis import ops_layers, ops_shape, ops_tensor
+from autosparse.analysis import ops_layers, ops_mha, ops_shape, ops_tensor
 from autosparse.analysis.groups import Analysis, Group, build_groups, walk
 from autosparse.analysis.registry import Handler, Registry, RuleKey
 from autosparse.capture import Capture
@@ -17,8 +14,7 @@ DEFAULT_RULES = Registry()
 ops_tensor.register(DEFAULT_RULES)
 ops_shape.register(DEFAULT_RULES)
 ops_layers.register(DEFAULT_RULES)
-DEFAULT_RULES.register(mha.average_over_heads, mha.average_rule)
-DEFAULT_RULES.register(nn.MultiheadAttention, mha.unsupported_rule)  # supported ones are traced through
+ops_mha.register(DEFAULT_RULES)
 
 
 def analyze(capture: Capture, op_rules: Registry | Mapping[RuleKey, Handler] | None = None) -> Analysis:

@@ -11,6 +11,7 @@ from torch import fx
 
 from autosparse.analysis.context import Member, OpContext, State
 from autosparse.analysis.labels import Label
+from autosparse.analysis.ops_tensor import output, pointwise
 from autosparse.analysis.registry import Registry
 from autosparse.analysis.unionfind import FIXED
 from autosparse.capture import Capture
@@ -53,13 +54,11 @@ def walk(capture: Capture, rules: Registry) -> State:
             ctx.output(None)
             continue
         if node.op == "output":
-            from autosparse.analysis.ops_tensor import output
-
             output(ctx)
             continue
         handler = rules.lookup(node.op, node.target, state.module(node))
         if handler is None and _is_pointwise_aten(node.target):
-            from autosparse.analysis.ops_tensor import pointwise as handler
+            handler = pointwise
         if handler is None:
             if _touches_label(ctx):
                 name = _op_name(node)

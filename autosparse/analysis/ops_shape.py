@@ -17,6 +17,7 @@ from autosparse.analysis.context import OpContext
 from autosparse.analysis.labels import Label, reshape_label
 from autosparse.analysis.registry import Registry
 from autosparse.analysis.unionfind import FIXED
+from autosparse.modules.surgery import has_fixer, head_count_attribute
 
 aten = torch.ops.aten
 
@@ -62,8 +63,6 @@ def reshape(ctx: OpContext) -> None:
 
 def _rewritable_size(ctx: OpContext, count: int) -> bool:
     """A literal size is fine when it is an attribute compaction rewrites (``self.heads``)."""
-    from autosparse.surgery import has_fixer, head_count_attribute
-
     stack = ctx.node.meta.get("nn_module_stack") or {}
     model = ctx.state.capture.model
     if not stack or model is None:

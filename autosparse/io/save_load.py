@@ -28,28 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from autosparse._savedir import (
-    CHECKPOINT,
-    CHECKPOINT_FORMAT,
-    CONFIG,
-    FORMAT_VERSION,
-    INPUTS,
-    PLAN,
-    SAVE_FORMAT,
-    STATE,
-    WEIGHTS,
-    atomic_dir,
-    check_file,
-    library_versions,
-    load_inputs,
-    read_json,
-    read_tensors,
-    write_inputs,
-    write_tensors,
-)
-from autosparse.checkpoints import load_checkpoint, load_gated_state, save_checkpoint
-from autosparse.errors import NotSparsifiedError, PlanMismatchError
-from autosparse.replay import (
+from autosparse.compaction.record import Record, attach_record, record_of
+from autosparse.compaction.replay import (
     architecture,
     architecture_hash,
     check,
@@ -59,26 +39,24 @@ from autosparse.replay import (
     replay_layers,
     shapes_after,
 )
+from autosparse.errors import NotSparsifiedError, PlanMismatchError
+from autosparse.io.format import (
+    CONFIG,
+    FORMAT_VERSION,
+    INPUTS,
+    PLAN,
+    SAVE_FORMAT,
+    WEIGHTS,
+    atomic_dir,
+    check_file,
+    library_versions,
+    read_json,
+    read_tensors,
+    write_inputs,
+    write_tensors,
+)
+from autosparse.modules.blocks import ZeroBranch
 from autosparse.state import is_sparsified
-
-# The public names, including those now defined in checkpoints / _savedir: autosparse.io.<name> stays stable.
-__all__ = [
-    "CHECKPOINT",
-    "CHECKPOINT_FORMAT",
-    "CONFIG",
-    "FORMAT_VERSION",
-    "INPUTS",
-    "PLAN",
-    "SAVE_FORMAT",
-    "STATE",
-    "WEIGHTS",
-    "load",
-    "load_checkpoint",
-    "load_gated_state",
-    "load_inputs",
-    "save",
-    "save_checkpoint",
-]
 
 _HF_WIDTH_KEYS = ("intermediate_size", "n_inner", "d_ff")  # config keys that can express a pruned MLP
 
@@ -107,7 +85,7 @@ def save(model: nn.Module, directory: str | os.PathLike[str], *, model_spec: str
         >>> autosparse.save(small, "out/small")
         >>> again = autosparse.load("out/small", build_model())
     """
-    record = getattr(model, "_autosparse_record", None)
+    record = record_of(model)
     if is_sparsified(model) or record is None:
         raise NotSparsifiedError(
             f"save() takes a compacted model; {type(model).__name__} "
@@ -134,8 +112,6 @@ def save(model: nn.Module, directory: str | os.PathLike[str], *, model_spec: str
 
 def _layer_record(model: nn.Module, record: Any) -> dict[str, Any]:
     """Branches replaced by ZeroBranch (with the output structure each stands in for) and dropped layers."""
-    from autosparse.nn import ZeroBranch
-
     tuple_lens = {m.replaced: m.tuple_len for m in model.modules() if isinstance(m, ZeroBranch)}
     replaced = getattr(record, "replaced", None) or []
     return {"replaced": {name: tuple_lens.get(name, 0) for name in replaced},
@@ -251,7 +227,7 @@ def load(directory: str | os.PathLike[str], base_model: nn.Module | None = None,
     plan = read_json(root, PLAN, SAVE_FORMAT)
     weights = check_file(root, plan.get("weights"))
     base = base_model if base_model is not None else _hf_base(plan, root)
-    if is_sparsified(base) or getattr(base, "_autosparse_record", None) is not None:
+    if is_sparsified(base) or record_of(base) is not None:
         raise PlanMismatchError("load() needs a fresh base model; the one given is already gated or compacted")
     record_data = _saved_record(root, plan)
     kept = record_data["kept"]
@@ -279,12 +255,10 @@ def _saved_record(root: Path, plan: Mapping[str, Any]) -> dict[str, Any]:
 
 def _attach_record(model: nn.Module, record_data: Mapping[str, Any], base_shapes: Mapping[str, Any]) -> None:
     """Give the loaded model the Record that compact() would have, so it can be saved or explained again."""
-    from autosparse.compaction import Record  # imported late: compaction pulls in the gating machinery
-
     record = Record(kept=record_data["kept"], groups=record_data.get("groups", {}),
                     replaced=list(record_data.get("replaced", {})), dropped_layers=record_data.get("dropped_layers", []))
     record.base_shapes = base_shapes
-    model._autosparse_record = record
+    attach_record(model, record)
 
 
 def _hf_base(plan: Mapping[str, Any], root: Path) -> nn.Module:

@@ -22,9 +22,13 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from autosparse.api import compact
+from autosparse.compaction.compact import fold_gates
+from autosparse.compaction.record import record_of
+from autosparse.compaction.replay import moved
 from autosparse.errors import ExampleInputsError
 from autosparse.measure import _BINARY, _SI, _human, count_params, flops_by_module, measure_latency
-from autosparse.replay import moved
+from autosparse.reporting.plots import plot_widths
 from autosparse.state import STATE_ATTR, get_state, is_sparsified
 
 _METRICS = ("params", "flops", "size_bytes", "latency_ms")
@@ -84,8 +88,6 @@ class Report:
 
     def plot(self, path: str | os.PathLike[str]) -> Path:
         """Bar chart of each group's units before and after (needs matplotlib)."""
-        from autosparse.plots import plot_widths
-
         widths = {g.name: g.units for g in self.groups if g.units is not None}
         return plot_widths({k: v[0] for k, v in widths.items()}, {k: v[1] for k, v in widths.items()}, path)
 
@@ -132,24 +134,20 @@ def report(model: nn.Module, *, before: nn.Module | None = None, example_inputs:
             measure_latency(m, inputs, repeats=1, warmup=2)
     sides = [_measure(m, inputs, latency, repeats) for m in (before, after)]
     total = Row("total", None, *(_pair(sides, key) for key in _METRICS))
-    units = getattr(getattr(after, "_autosparse_record", None), "groups", {}) or {}
+    units = getattr(record_of(after), "groups", {}) or {}
     rows = [_group_row(name, units.get(name), tensors, sides) for name, (_, tensors) in groups.items()]
     rows += [Row(name, (u["before"], u["after"])) for name, u in units.items() if name not in groups]
     return Report(total, rows)
 
 
 def _compacted(model: nn.Module) -> nn.Module:
-    from autosparse.api import compact
-
     return compact(model, verify=False)
 
 
 def _dense(model: nn.Module) -> nn.Module:
     """A plain copy of a gated model with gates folded in: the dense shapes, for measuring."""
-    from autosparse.compaction import _fold_gates
-
     dense = copy.deepcopy(model)
-    _fold_gates(dense)
+    fold_gates(dense)
     dense.__dict__.pop(STATE_ATTR, None)
     return dense
 
@@ -199,7 +197,7 @@ def _pair(sides: list[dict[str, Any]], key: str) -> tuple[Any, Any] | None:
 
 def _group_row(name: str, units: dict[str, int] | None, tensors: set[str], sides: list[dict]) -> Row:
     modules = _group_modules(sides[0]["model"], tensors)
-    record = getattr(sides[1]["model"], "_autosparse_record", None)
+    record = record_of(sides[1]["model"])
     gone = (list(getattr(record, "replaced", []) or []), list(getattr(record, "dropped_layers", []) or []))
     params, sizes, flops = [], [], []
     for i, side in enumerate(sides):

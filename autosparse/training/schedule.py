@@ -30,12 +30,19 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from autosparse.budget import Controller, CostModel, build_cost_model, check_reachable, enforce, ramp_end
 from autosparse.errors import warn
-from autosparse.gate_batch import penalty_norms
-from autosparse.gates import GateSite
-from autosparse.policy import Schedule
+from autosparse.gating.batch import penalty_norms
+from autosparse.gating.gate import GateSite
+from autosparse.policy.document import Schedule
 from autosparse.state import SparsityState, get_state, is_sparsified
+from autosparse.training.budget import (
+    Controller,
+    CostModel,
+    build_cost_model,
+    check_reachable,
+    enforce,
+    ramp_end,
+)
 
 _ATTR = "training"  # attribute of SparsityState holding the TrainingState
 

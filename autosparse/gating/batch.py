@@ -4,7 +4,7 @@ Computed gate by gate, every gate site pays about eight small ops forward and as
 (softmax, scale, threshold, mask...). That is nothing next to a big convolution on a CPU, but on a
 GPU each op is a kernel launch plus Python dispatch: ResNet-50's 53 sites added ~16 ms to an 18 ms
 training step on an H200. Here a forward pre-hook on the model's root computes every plain
-:class:`~autosparse.gates.Gate` at once (their ``gamma`` padded into one matrix with ``-inf``, one
+:class:`~autosparse.gating.gate.Gate` at once (their ``gamma`` padded into one matrix with ``-inf``, one
 row softmax, one threshold) and lends each gate its row for the duration of that forward; a forward
 hook that always runs (also on error) takes them back. Outside a forward, a gate computes its values
 alone, as before, so folding, ``kept()`` and the penalty are unchanged.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from autosparse.gates import TINY_SHARE, Gate, remove_hooks, threshold
+from autosparse.gating.gate import TINY_SHARE, Gate, remove_hooks, threshold
 
 
 class _Layout:
@@ -58,7 +58,7 @@ def batched_norms(gates: list[Gate], p: float, layout: _Layout) -> torch.Tensor:
 def penalty_norms(gates: list[Gate], p: float, cache: dict) -> torch.Tensor:
     """Each gate's ``penalty(p)``, batched when every gate is a plain :class:`Gate` on one device
     (the penalty's ~7 ops per gate are, like the values, dispatch-bound on a GPU)."""
-    plain = len(gates) > 1 and all(type(g) is Gate for g in gates)
+    plain = len(gates) > 1 and all(g.batchable for g in gates)
     device = gates[0].gamma.device if gates else None
     if not plain or any(g.gamma.device != device for g in gates):
         return torch.stack([g.penalty(p) for g in gates])
@@ -103,7 +103,7 @@ class _EndForward:
 def batch_gates(model: nn.Module, gates: list[Gate]) -> None:
     """Compute the plain gates of ``model`` in one batch per forward (hard-concrete gates sample
     noise per call and keep their own path)."""
-    plain = [g for g in gates if type(g) is Gate]
+    plain = [g for g in gates if g.batchable]
     if len(plain) < 2:
         return
     model.register_forward_pre_hook(_StartForward(plain))

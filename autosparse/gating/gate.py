@@ -51,6 +51,10 @@ class Gate(nn.Module):
         0.0
     """
 
+    # Whether every value is a pure function of gamma (no sampling), so all such gates of a model
+    # can be computed in one batched op per forward (autosparse.gating.batch).
+    batchable: bool = True
+
     def __init__(self, name: str, granularity: str, size: int, *, tau: float = 0.5,
                  modules: Sequence[str] = (), penalty_weight: float = 1.0) -> None:
         super().__init__()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from autosparse.errors import warn
-from autosparse.nn import IdentityBlock, ZeroBranch
+from autosparse.modules.blocks import IdentityBlock, ZeroBranch
 from autosparse.state import SparsityState, run_model
 
 
@@ -81,11 +81,11 @@ def _drop_empty_layers(target: nn.Module, state: SparsityState, replaced: set[st
         owner_name, _, index = parent.rpartition(".")
         del target.get_submodule(owner_name)[int(index)]
     if dropped:
-        _renumber_layers(target, {int(p.rpartition(".")[2]) for p in dropped})
+        renumber_layers(target, {int(p.rpartition(".")[2]) for p in dropped})
     return dropped
 
 
-def _renumber_layers(target: nn.Module, dropped: set[int]) -> None:
+def renumber_layers(target: nn.Module, dropped: set[int]) -> None:
     """Keep Hugging Face bookkeeping consistent: layer counts and types, cache layer indices."""
     config = getattr(target, "config", None)
     for module in target.modules():

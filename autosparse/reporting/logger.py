@@ -19,6 +19,8 @@ from typing import Any
 
 from torch import nn
 
+from autosparse.api import gates
+from autosparse.reporting.plots import plot_kept_fraction
 from autosparse.state import get_state
 
 Sink = Callable[[int, dict[str, float]], Any]
@@ -34,7 +36,7 @@ class GateLogger:
             or a function writing to TensorBoard / Weights & Biases.
 
     Attributes:
-        history: ``{group: [(step, kept_fraction), ...]}``, what :func:`~autosparse.plots.plot_kept_fraction` draws.
+        history: ``{group: [(step, kept_fraction), ...]}``, what :func:`~autosparse.reporting.plots.plot_kept_fraction` draws.
     """
 
     def __init__(self, net: nn.Module, every: int = 1, *, sink: Sink | None = None) -> None:
@@ -59,8 +61,6 @@ class GateLogger:
 
     def record(self, step: int) -> dict[str, float]:
         """Record the kept fraction of every group now, whatever the step."""
-        from autosparse.api import gates
-
         fractions = {name: gate.kept() / gate.size for name, gate in gates(self.net).items()}
         for name, fraction in fractions.items():
             self.history.setdefault(name, []).append((step, fraction))
@@ -79,6 +79,4 @@ class GateLogger:
 
     def plot(self, path: str | os.PathLike[str]) -> Path:
         """PNG of the kept fraction per group over steps (needs matplotlib)."""
-        from autosparse.plots import plot_kept_fraction
-
         return plot_kept_fraction(self.history, path)

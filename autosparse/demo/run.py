@@ -22,7 +22,8 @@ from torch import nn
 
 import autosparse
 from autosparse import training
-from autosparse.data import Dataset, load_digits
+from autosparse.compaction.record import record_of
+from autosparse.demo.data import Dataset, load_digits
 from autosparse.measure import Summary, compare, count_flops, count_params, measure_latency, model_size_bytes
 from autosparse.state import get_state, is_sparsified
 
@@ -221,7 +222,7 @@ def run(
     target = net._autosparse.policy.target
     landed = after.flops / before.flops
     out(f"trained in {seconds:.1f} s\n\nlearned widths:")
-    out(widths_table(small._autosparse_record.groups, dense))
+    out(widths_table(record_of(small).groups, dense))
     out("\n" + compare(before, after))
     out(f"accuracy  {acc_before:.2%}  {acc_after:.2%}  ({(acc_after - acc_before) * 100:+.2f} pt)")
     status = "within" if abs(landed - budget) <= target.tolerance else "OUTSIDE"
@@ -239,7 +240,7 @@ def run(
         "accuracy_after": acc_after,
         "before": before.to_dict(),
         "after": after.to_dict(),
-        "widths": small._autosparse_record.groups,
+        "widths": record_of(small).groups,
         "train_seconds": seconds,
     }
 

@@ -12,6 +12,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from autosparse.modules.mha import prunable, to_pruned
+
 Fixer = Callable[[nn.Module, dict[str, tuple[int, ...]]], None]
 FIXERS: dict[type | str, Fixer] = {}
 
@@ -116,8 +118,6 @@ def head_count_attribute(module: nn.Module, value: int) -> str | None:
     """The name of ``module``'s head-count attribute equal to ``value``, if ``fix_attention`` can
     rewrite it after compaction (it needs a query projection and an integer head_dim)."""
     if isinstance(module, nn.MultiheadAttention):  # compaction makes it a PrunedMultiheadAttention
-        from autosparse.mha import prunable
-
         return "num_heads" if prunable(module) and module.num_heads == value else None
     layout = head_layout(module)
     if layout is None:
@@ -162,8 +162,6 @@ def fix_attention(module: nn.Module) -> bool:
     the weights or a later forward crashes (or, worse, regroups heads). Returns True if fixed.
     """
     if isinstance(module, nn.MultiheadAttention):  # its forward cannot change inner width: swap class
-        from autosparse.mha import to_pruned
-
         to_pruned(module)
         return True
     layout = head_layout(module)

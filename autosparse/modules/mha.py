@@ -67,25 +67,6 @@ def average_over_heads(weights: torch.Tensor) -> torch.Tensor:
     return weights.mean(dim=1)
 
 
-def average_rule(ctx) -> None:
-    """Analysis rule for :func:`average_over_heads`: a used head average pins the heads."""
-    label = ctx.label(ctx.arg(0))
-    if label is not None and ctx.state.reaches_output(ctx.node):
-        ctx.block(label, "nn.MultiheadAttention's attention weights averaged over heads are used "
-                         "(need_weights=True); call it with need_weights=False to prune its heads")
-    ctx.output(None)
-
-
-def unsupported_rule(ctx) -> None:
-    """Analysis rule for an ``nn.MultiheadAttention`` the stand-in does not cover (fx keeps it a leaf)."""
-    module = ctx.module()
-    why = [name for name, on in (("add_bias_kv", module.bias_k is not None), ("add_zero_attn", module.add_zero_attn),
-                                 ("kdim/vdim != embed_dim", not module._qkv_same_embed_dim)) if on]
-    ctx.block_inputs(f"nn.MultiheadAttention with {', '.join(why) or 'this configuration'}: autosparse "
-                     "cannot prune its heads or the channels it reads")
-    ctx.output(None)
-
-
 class PrunedMultiheadAttention(nn.MultiheadAttention):
     """``nn.MultiheadAttention`` whose inner width ``num_heads * head_dim`` may differ from ``embed_dim``.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from autosparse.surgery import _out_features, head_layout
+from autosparse.modules.surgery import _out_features, head_layout
 
 _MLP_IN = ("gate_proj", "up_proj", "fc1", "c_fc", "wi", "w1")
 _CONFIG_HEADS = ("num_attention_heads", "n_head", "num_heads")

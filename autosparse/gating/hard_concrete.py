@@ -1,6 +1,6 @@
 """An alternative gate: hard-concrete L0 gates (Louizos, Welling & Kingma, arXiv:1712.01312).
 
-Same interface as :class:`~autosparse.gates.Gate` (``values``, ``kept``, ``penalty``, ``zero_``,
+Same interface as :class:`~autosparse.gating.gate.Gate` (``values``, ``kept``, ``penalty``, ``zero_``,
 ``gamma``), so sites, compaction, the cost model and the budget controller work unchanged; the
 paper's gate (``gate.kind: ds``) stays the default. Here ``gamma`` is ``log_alpha`` of each unit:
 
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import torch
 
-from autosparse.gates import Gate
+from autosparse.gating.gate import Gate
 
 BETA, LOW, HIGH = 2.0 / 3.0, -0.1, 1.1  # temperature and stretch interval of the paper
 OPEN_LOG_ALPHA = 3.0  # sigmoid(3) * 1.2 - 0.1 > 1: the deterministic gate is exactly 1
@@ -37,6 +37,7 @@ class HardConcreteGate(Gate):
     """A hard-concrete L0 gate over the ``size`` units of a group; see the module docstring."""
 
     open_gamma = OPEN_LOG_ALPHA  # the gamma of a fully open unit (0 for the default gate)
+    batchable = False  # samples noise on every call in training
 
     def __init__(
         self,

@@ -7,7 +7,7 @@ session (a notebook keeps its own) and leaves no figure open in pyplot's global 
 written atomically: to a temporary file in the target's directory, then moved over the target.
 
 Example:
-    >>> from autosparse.plots import plot_widths
+    >>> from autosparse.reporting.plots import plot_widths
     >>> plot_widths({"conv1": 64, "conv2": 128}, {"conv1": 20, "conv2": 77}, "widths.png")  # doctest: +SKIP
     PosixPath('widths.png')
 """

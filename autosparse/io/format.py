@@ -22,6 +22,8 @@ import platform
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _installed_version
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +37,20 @@ CHECKPOINT, STATE = "checkpoint.json", "state.safetensors"
 
 
 # ------------------------------------------------------------------------------------------ write
+def _version(package: str) -> str | None:
+    try:
+        return _installed_version(package)
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return None
+
+
 def library_versions() -> dict[str, str | None]:
     """The versions a file was written with, so a later mismatch can be explained."""
-    import autosparse  # the package imports this module: read the version at call time
-
     try:
         import transformers
     except ImportError:
         transformers = None
-    return {"autosparse": autosparse.__version__, "torch": torch.__version__,
+    return {"autosparse": _version("autosparse"), "torch": torch.__version__,
             "transformers": getattr(transformers, "__version__", None), "python": platform.python_version()}
 
 

@@ -20,7 +20,9 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from autosparse._yaml import (
+from autosparse.errors import PolicyError, warn
+from autosparse.policy.rule import Granularity, Rule, glob_covers
+from autosparse.policy.schema import (
     At,
     Check,
     Validated,
@@ -34,8 +36,6 @@ from autosparse._yaml import (
     real,
     section,
 )
-from autosparse.errors import PolicyError, warn
-from autosparse.policy_rule import Granularity, Rule, glob_covers
 
 GateKind = Literal["ds", "hard_concrete"]
 GATE_KINDS: tuple[str, ...] = ("ds", "hard_concrete")

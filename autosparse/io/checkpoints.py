@@ -18,7 +18,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from autosparse._savedir import (
+from autosparse.api import sparsify
+from autosparse.errors import NotSparsifiedError, PlanMismatchError
+from autosparse.gating.gate import Gate
+from autosparse.io.format import (
     CHECKPOINT,
     CHECKPOINT_FORMAT,
     FORMAT_VERSION,
@@ -33,7 +36,6 @@ from autosparse._savedir import (
     write_inputs,
     write_tensors,
 )
-from autosparse.errors import NotSparsifiedError, PlanMismatchError
 from autosparse.state import get_state, is_sparsified
 
 
@@ -78,8 +80,6 @@ def load_gated_state(net: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> 
 
 
 def _gate_prefixes(net: nn.Module) -> Iterator[tuple[str, Any]]:
-    from autosparse.gates import Gate
-
     for name, module in net.named_modules():
         if isinstance(module, Gate):
             yield name, module
@@ -122,8 +122,6 @@ def load_checkpoint(directory: str | os.PathLike[str], model: nn.Module) -> nn.M
         >>> net = autosparse.io.load_checkpoint("ckpt", build())  # gated, at the saved step
         >>> loss = task_loss(net(x)) + autosparse.penalty(net)
     """
-    from autosparse.api import sparsify
-
     root = Path(directory)
     meta = read_json(root, CHECKPOINT, CHECKPOINT_FORMAT)
     tensors = read_tensors(check_file(root, meta["weights"]), meta["weights"]["aliases"])

@@ -10,33 +10,21 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from autosparse.compaction.hf_config import sync_config
+from autosparse.compaction.layer_gates import remove_branches
+from autosparse.compaction.record import Record, attach_record
+from autosparse.compaction.replay import base_config, replay
 from autosparse.errors import ArgumentError, CompactionError, EquivalenceError
-from autosparse.gate_batch import unbatch_gates
-from autosparse.gates import GateSite, remove_input_gating
-from autosparse.hf import sync_config
-from autosparse.layers import remove_branches
-from autosparse.replay import base_config, replay
-from autosparse.state import SparsityState, get_state
-
-
-@dataclass
-class Record:
-    """What a compaction removed: per tensor and dim, the kept positions. Replayable with ``load``."""
-
-    kept: dict[str, dict[str, list[int]]] = field(default_factory=dict)  # tensor -> {dim: positions}
-    groups: dict[str, dict[str, int]] = field(default_factory=dict)  # group -> {before, after}
-    replaced: list[str] = field(default_factory=list)  # residual branches replaced by ZeroBranch
-    dropped_layers: list[str] = field(default_factory=list)  # ModuleList entries removed whole
-    config_changes: dict[str, int] = field(default_factory=dict)  # Hugging Face config keys rewritten
-    base_config: dict | None = None  # the Hugging Face config before compaction (to rebuild the base)
-    base_shapes: dict = field(default_factory=dict)  # tensor shapes of the base model (fit check)
+from autosparse.gating.batch import unbatch_gates
+from autosparse.gating.gate import GateSite, remove_input_gating
+from autosparse.state import SparsityState, flatten_outputs, get_state, run_model
 
 
 def _kept_indices(gg, gate) -> set[int]:
@@ -103,7 +91,7 @@ def compact_model(model: nn.Module, inplace: bool, verify: bool, rtol: float) ->
     if not inplace:
         _unshare(model, target)
     record.groups = summary
-    target._autosparse_record = record
+    attach_record(target, record)
     if verify and state.example_inputs is not None and not inplace:
         try:
             check_equivalence(model, target, state, rtol)
@@ -276,7 +264,7 @@ def _fold(pending: list[_Fold], kept: dict[str, dict[str, list[int]]]) -> None:
             weight.set_(folded)  # out of place: in a copy, ``weight`` may still view the gated model
 
 
-def _fold_gates(model: nn.Module) -> None:
+def fold_gates(model: nn.Module) -> None:
     """Bake every gate site into its weight (W * g), leaving plain parameters at full size."""
     _fold(_unparametrize(model), {})
 
@@ -296,8 +284,6 @@ def _full_fp32() -> Iterator[None]:
 
 def check_equivalence(gated: nn.Module, compact: nn.Module, state: SparsityState, rtol: float) -> float:
     """Max abs difference of all outputs relative to the output scale; raises over ``rtol``."""
-    from autosparse.state import flatten_outputs, run_model
-
     with _full_fp32():
         ref = flatten_outputs(run_model(gated, state))
     try:
@@ -307,7 +293,7 @@ def check_equivalence(gated: nn.Module, compact: nn.Module, state: SparsityState
         raise EquivalenceError(
             f"the compacted model fails on the example inputs ({type(exc).__name__}: {exc}). A module "
             "probably keeps a size attribute autosparse does not know; register a fixer in "
-            "autosparse.surgery.FIXERS for it, or exclude its group in the policy."
+            "autosparse.modules.surgery.FIXERS for it, or exclude its group in the policy."
         ) from exc
     if len(ref) != len(out):
         raise EquivalenceError(f"compacted model returns {len(out)} tensors, gated model {len(ref)}")

@@ -23,9 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from autosparse.compaction.layer_gates import renumber_layers
 from autosparse.errors import PlanMismatchError
-from autosparse.mha import disable_nested_fast_path
-from autosparse.surgery import fix_attention, fix_attributes, slice_tensor
+from autosparse.modules.blocks import IDENTITY, IdentityBlock, ZeroBranch
+from autosparse.modules.mha import disable_nested_fast_path
+from autosparse.modules.surgery import fix_attention, fix_attributes, slice_tensor
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -148,7 +150,7 @@ def replay(model: nn.Module, kept: Mapping[str, Mapping[str, list[int]]]) -> Sha
         PlanMismatchError: ``kept`` does not fit ``model``; raised before anything is changed.
 
     Example:
-        >>> base_shapes = replay(model, small._autosparse_record.kept)
+        >>> base_shapes = replay(model, record_of(small).kept)
     """
     modules = _Modules(model)
     check(model, kept, modules)
@@ -189,15 +191,12 @@ def check_layers(model: nn.Module, replaced: Mapping[str, int], dropped: Sequenc
 
 
 def replay_layers(model: nn.Module, replaced: Mapping[str, int], dropped: Sequence[str]) -> None:
-    """Replace branches by :class:`~autosparse.nn.ZeroBranch` (``{name: tuple_len}``; a whole block by
-    :class:`~autosparse.nn.IdentityBlock` where ``tuple_len`` is ``-1``), then drop layers.
+    """Replace branches by :class:`~autosparse.modules.blocks.ZeroBranch` (``{name: tuple_len}``; a whole block by
+    :class:`~autosparse.modules.blocks.IdentityBlock` where ``tuple_len`` is ``-1``), then drop layers.
 
     Raises:
         PlanMismatchError: a branch or layer does not exist; raised before anything is changed.
     """
-    from autosparse.layers import _renumber_layers
-    from autosparse.nn import IDENTITY, IdentityBlock, ZeroBranch
-
     check_layers(model, replaced, dropped)
     for name, tuple_len in replaced.items():
         parent, _, attr = name.rpartition(".")
@@ -207,4 +206,4 @@ def replay_layers(model: nn.Module, replaced: Mapping[str, int], dropped: Sequen
         owner, _, index = name.rpartition(".")
         del model.get_submodule(owner)[int(index)]
     if dropped:
-        _renumber_layers(model, {int(d.rpartition(".")[2]) for d in dropped})
+        renumber_layers(model, {int(d.rpartition(".")[2]) for d in dropped})

@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 
 import torch
 
-from autosparse._yaml import At, Check, Validated, choice, integer, is_int, number_hint, real, strings
 from autosparse.errors import PolicyError
+from autosparse.policy.schema import At, Check, Validated, choice, integer, is_int, number_hint, real, strings
 
 
 class Granularity(str, enum.Enum):

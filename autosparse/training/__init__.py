@@ -1,0 +1,46 @@
+"""Training with gates: penalty, schedule, budget controller and freeze (``autosparse.training.*``).
+
+* :mod:`~autosparse.training.schedule`: :func:`attach` (hooks, no loop changes), :func:`step`,
+  :func:`freeze`, the lambda warm-up and the per-model :class:`TrainingState`;
+* :mod:`~autosparse.training.budget`: the cost model (FLOPs / params from the gate values) and the
+  controller that adapts lambda so the compacted model lands on the policy's ``target``.
+
+Example:
+    >>> net = autosparse.sparsify(model, policy, example_inputs=(x,))
+    >>> with autosparse.training.attach(net, optimizer=opt):
+    ...     trainer.train()                       # any loop
+"""
+
+from __future__ import annotations
+
+from autosparse.training.schedule import (
+    HISTORY,
+    Attachment,
+    TrainingState,
+    attach,
+    cost_fraction,
+    current_lambda,
+    freeze,
+    gate_parameters,
+    penalty_terms,
+    penalty_value,
+    step,
+    training_state,
+    warmup_factor,
+)
+
+__all__ = [
+    "HISTORY",
+    "Attachment",
+    "TrainingState",
+    "attach",
+    "cost_fraction",
+    "current_lambda",
+    "freeze",
+    "gate_parameters",
+    "penalty_terms",
+    "penalty_value",
+    "step",
+    "training_state",
+    "warmup_factor",
+]
