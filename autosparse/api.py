@@ -15,7 +15,7 @@ from autosparse.analysis.branches import find_branches
 from autosparse.analysis.registry import Handler, RuleKey
 from autosparse.capture import capture
 from autosparse.compaction.compact import compact_model
-from autosparse.errors import AlreadySparsifiedError, ExampleInputsError
+from autosparse.errors import AlreadySparsifiedError, ModelTypeError
 from autosparse.gating.batch import batch_gates
 from autosparse.gating.gate import Gate, GateSite, gate_inputs
 from autosparse.gating.registry import gate_class
@@ -55,7 +55,8 @@ def sparsify(
     """
     policy = load_policy(policy)
     if not isinstance(model, nn.Module):
-        raise ExampleInputsError(f"sparsify expects a torch.nn.Module, got {type(model).__name__}")
+        raise ModelTypeError(f"sparsify expects a torch.nn.Module, got {type(model).__name__}; pass the model "
+                             "object itself (not its class, state_dict or a factory function)")
     if is_sparsified(model):
         raise AlreadySparsifiedError(
             f"{type(model).__name__} is already sparsified; compact it or start from the original model"

@@ -55,8 +55,8 @@ class RegistryError(AutosparseError, ValueError):
     """An op rule given to the registry is malformed (wrong key or handler)."""
 
 
-class UnsupportedError(AutosparseError, NotImplementedError):
-    """A construct autosparse does not support was requested explicitly."""
+class ModelTypeError(AutosparseError, TypeError):
+    """What was passed as the model is not a ``torch.nn.Module``."""
 
 
 class PlanMismatchError(AutosparseError, ValueError):

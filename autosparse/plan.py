@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
 
 import numpy as np
 from torch import nn
 
-from autosparse.analysis import Analysis, Group
+from autosparse.analysis import Analysis, Group, Role
 from autosparse.analysis.branches import Branch
 from autosparse.errors import NoGatesError, warn
 from autosparse.policy.document import Policy, Rule
@@ -52,7 +54,7 @@ class Plan:
         sizes = np.array([len(gg.units) for gg in self.gated], dtype=np.int64)
         members = self.analysis.members if self.analysis is not None and len(gate_of) else []
         for member in members:
-            if member.role != "consumer" or (member.name, member.dim) in sites:
+            if member.role != Role.CONSUMER or (member.name, member.dim) in sites:
                 continue
             ids = np.asarray(member.ids, dtype=np.int64)
             known = ids < len(gate_of)
@@ -105,21 +107,45 @@ def make_plan(policy: Policy, analysis: Analysis, model: nn.Module,
         free = [r for r in group.units if r not in group.blocked]
         if len(free) < 2:
             continue
-        rule = _first_rule(policy, group, modules)
+        rule, why = _first_rule(policy, group, modules)
         if rule is None:
-            skipped.append((group.name, f"no {group.granularity} rule matches {group.producers}"))
+            skipped.append((group.name, why or f"no {group.granularity} rule matches {group.producers}"))
             continue
         used_rules.add(id(rule))
         gated.append(GatedGroup(_key(group.name, taken), group, rule, free))
     for gg in _layer_groups(policy, branches or [], modules, taken):
         used_rules.add(id(gg.rule))
         gated.append(gg)
+    unmatched = _unmatched_globs(policy, model)
+    for line in unmatched:
+        warn(line)
     for rule in policy.rules:
         if id(rule) not in used_rules:
             warn(f"policy rule '{rule.name}' ({rule.granularity}) matched no prunable group")
     if not gated:
-        raise NoGatesError(_nothing_message(policy, analysis, skipped))
+        raise NoGatesError(_nothing_message(policy, analysis, skipped, unmatched))
     return Plan(gated, skipped, analysis)
+
+
+def _unmatched_globs(policy: Policy, model: nn.Module) -> list[str]:
+    """One line per ``modules`` or ``exclude`` glob that matches no module name, with close names.
+
+    A glob that matches nothing is legal but almost always a typo or a name from another model
+    (``encoder.*`` on a CNN), and otherwise surfaces only as "no rule matches" far from its cause.
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    lines = []
+    for i, rule in enumerate(policy.rules):
+        for key in ("modules", "exclude"):
+            for glob in getattr(rule, key):
+                if any(fnmatchcase(n, glob) for n in names):
+                    continue
+                close = difflib.get_close_matches(glob, names, n=3, cutoff=0.5)
+                hint = (f"; close names: {', '.join(map(repr, close))}" if close
+                        else f"; its modules include {', '.join(map(repr, names[:4]))}")
+                lines.append(f"policy: rules[{i}].{key} glob {glob!r} (rule {rule.name!r}) matched no module "
+                             f"of {type(model).__name__}{hint}")
+    return lines
 
 
 def _layer_groups(policy: Policy, branches: list[Branch], modules: dict[str, nn.Module],
@@ -142,19 +168,32 @@ def _layer_groups(policy: Policy, branches: list[Branch], modules: dict[str, nn.
     return out
 
 
-def _first_rule(policy: Policy, group: Group, modules: dict[str, nn.Module]) -> Rule | None:
+def _first_rule(policy: Policy, group: Group, modules: dict[str, nn.Module]) -> tuple[Rule | None, str]:
+    """The first rule that selects a member of the group and excludes none; else why none did.
+
+    The units of a coupled group go together or not at all, so excluding any member (the stem conv
+    of a residual stream, or the group's own name) keeps the whole group away from that rule.
+    """
+    why = ""
     for rule in policy.rules:
         if str(rule.granularity) != group.granularity:
             continue
-        if any(rule.matches(name, modules.get(name)) for name in group.producers):
-            return rule
-    return None
+        if not any(rule.matches(name, modules.get(name)) for name in group.producers):
+            continue
+        hit = next(((n, g) for n in group.producers if (g := rule.excluded_by(n)) is not None), None)
+        if hit is None:
+            return rule, ""
+        why = why or (f"rule {rule.name!r} excludes {hit[0]!r} (exclude {hit[1]!r}), a member of this coupled "
+                      f"group of {len(group.producers)} modules, so the whole group keeps its width")
+    return None, why
 
 
-def _nothing_message(policy: Policy, analysis: Analysis, skipped: list[tuple[str, str]]) -> str:
+def _nothing_message(policy: Policy, analysis: Analysis, skipped: list[tuple[str, str]],
+                     unmatched: list[str]) -> str:
     wanted = sorted({str(r.granularity) for r in policy.rules})
     found = sorted({g.granularity for g in analysis.groups if len(g.units) - len(g.blocked) >= 2})
     lines = [f"the policy (granularity {', '.join(wanted)}) selected no prunable group."]
+    lines.extend(unmatched)
     if not found:
         lines.append("The model has no prunable groups at all.")
     else:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -12,6 +12,9 @@ from autosparse.errors import NotSparsifiedError
 from autosparse.gating.gate import Gate
 from autosparse.plan import Plan
 from autosparse.policy.document import Policy
+
+if TYPE_CHECKING:  # the training layer builds on this one; only its type is named here
+    from autosparse.training.schedule import TrainingState
 
 STATE_ATTR = "_autosparse"
 
@@ -26,7 +29,7 @@ class SparsityState:
     example_kwargs: dict[str, Any] = field(default_factory=dict)
     gates: list[Gate] = field(default_factory=list)  # owned by the parametrizations, in plan order
     step: int = 0
-    training: Any = None  # autosparse.training's schedule/controller state, created on first use
+    training: TrainingState | None = None  # created by autosparse.training on first use
 
     def gate_list(self) -> list[Gate]:
         return self.gates

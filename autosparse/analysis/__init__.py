@@ -6,6 +6,7 @@ import time
 from collections.abc import Mapping
 
 from autosparse.analysis import ops_layers, ops_mha, ops_shape, ops_tensor
+from autosparse.analysis.context import Member, Role
 from autosparse.analysis.groups import Analysis, Group, build_groups, walk
 from autosparse.analysis.registry import Handler, Registry, RuleKey
 from autosparse.capture import Capture
@@ -29,4 +30,4 @@ def analyze(capture: Capture, op_rules: Registry | Mapping[RuleKey, Handler] | N
     return result
 
 
-__all__ = ["DEFAULT_RULES", "Analysis", "Group", "Registry", "analyze"]
+__all__ = ["DEFAULT_RULES", "Analysis", "Group", "Member", "Registry", "Role", "analyze"]

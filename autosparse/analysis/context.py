@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,19 +15,29 @@ from autosparse.analysis.unionfind import Elements
 from autosparse.capture import Capture
 
 
+class Role(str, enum.Enum):
+    """What an op does with the elements of a :class:`Member`."""
+
+    PRODUCER = "producer"  # creates them (a weight's output rows, its bias)
+    CONSUMER = "consumer"  # contracts them away (a weight's input columns): a gate site
+    FOLLOWER = "follower"  # applies element-wise (a norm's scale and shift)
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class Member:
     """A slice of one parameter or buffer that follows a set of elements.
 
     ``ids[i]`` is the element at position ``i`` of dimension ``dim`` of tensor ``name``.
-    ``role`` is "producer" (the op creates these elements), "consumer" (the op contracts them
-    away: a gate *site*) or "follower" (an element-wise parameter such as a BatchNorm scale).
+    ``role`` says what the op does with these elements (:class:`Role`).
     """
 
     name: str
     dim: int
     ids: np.ndarray
-    role: str
+    role: Role
     where: str
 
 
@@ -137,7 +148,7 @@ class OpContext:
     def new(self, count: int) -> np.ndarray:
         return self.elements.new(count)
 
-    def member(self, name: str | None, dim: int, ids: np.ndarray, role: str) -> None:
+    def member(self, name: str | None, dim: int, ids: np.ndarray, role: Role) -> None:
         if name is not None:
             self.state.members.append(Member(name, dim, np.asarray(ids), role, self.where))
 

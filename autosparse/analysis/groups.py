@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import fx
 
-from autosparse.analysis.context import Member, OpContext, State
+from autosparse.analysis.context import Member, OpContext, Role, State
 from autosparse.analysis.labels import Label
 from autosparse.analysis.ops_tensor import output, pointwise
 from autosparse.analysis.registry import Registry
@@ -130,9 +130,9 @@ def build_groups(state: State) -> Analysis:
                for m in state.members]
     consumed = np.zeros(len(root_of), dtype=bool)
     for m in members:
-        if m.role == "consumer":
+        if m.role == Role.CONSUMER:
             consumed[m.ids] = True
-    producers = [(m, _ordered_unique(m.ids)) for m in members if m.role == "producer"]
+    producers = [(m, _ordered_unique(m.ids)) for m in members if m.role == Role.PRODUCER]
     return _assemble(state, root_of, members, consumed, producers, _producer_groups(producers, len(root_of)))
 
 
@@ -184,7 +184,7 @@ def _assemble(state, root_of, members, consumed, producers, group_of) -> Analysi
         group_index[roots] = k
     sites: list[list[Member]] = [[] for _ in units]
     for m in members:
-        if m.role == "consumer":
+        if m.role == Role.CONSUMER:
             for k in np.unique(group_index[m.ids]).tolist():
                 if k >= 0:
                     sites[k].append(m)

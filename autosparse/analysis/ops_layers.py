@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autosparse.analysis.context import OpContext
+from autosparse.analysis.context import OpContext, Role
 from autosparse.analysis.labels import Label
 from autosparse.analysis.registry import Registry
 from autosparse.analysis.unionfind import FIXED
@@ -47,10 +47,10 @@ def contraction(ctx: OpContext, x, weight: str | None, bias: str | None, *, in_d
         ids = ctx.new(ctx.shape(x)[x_dim])
         ctx.elements.block(ids, f"'{weight}' also reads an input autosparse cannot slice at {ctx.where}")
     if ids is not None:
-        ctx.member(weight, in_dim, ids, "consumer")
+        ctx.member(weight, in_dim, ids, Role.CONSUMER)
     out = ctx.new(n_out)
-    ctx.member(weight, out_dim, out, "producer")
-    ctx.member(bias, 0, out, "producer")
+    ctx.member(weight, out_dim, out, Role.PRODUCER)
+    ctx.member(bias, 0, out, Role.PRODUCER)
     ctx.output(Label(y_dim % ctx.ndim(), out))
 
 
@@ -61,8 +61,8 @@ def grouped_conv(ctx: OpContext, x, weight: str | None, bias: str | None, groups
     ids = np.full(n_in, FIXED, np.int64) if ids is None else ids
     out = ctx.new(n_out)
     ctx.elements.fuse_rows(np.concatenate([ids.reshape(groups, -1), out.reshape(groups, -1)], axis=1))
-    ctx.member(weight, 0, out, "producer")
-    ctx.member(bias, 0, out, "producer")
+    ctx.member(weight, 0, out, Role.PRODUCER)
+    ctx.member(bias, 0, out, Role.PRODUCER)
     ctx.output(Label(1, out))
 
 
@@ -198,7 +198,7 @@ def embedding_function(ctx: OpContext) -> None:
 
 def _embedding(ctx: OpContext, weight: str | None) -> None:
     out = ctx.new(ctx.shape()[-1])
-    ctx.member(weight, 1, out, "producer")
+    ctx.member(weight, 1, out, Role.PRODUCER)
     ctx.output(Label(ctx.ndim() - 1, out))
 
 
@@ -212,7 +212,7 @@ def table_lookup(ctx: OpContext) -> None:
         ctx.block_inputs("advanced indexing")
         return ctx.output(None)
     ids = ctx.new(ctx.shape(table)[1])
-    ctx.member(name, 1, ids, "follower")
+    ctx.member(name, 1, ids, Role.FOLLOWER)
     ctx.output(Label(ctx.ndim() - 1, ids))
 
 
@@ -222,7 +222,7 @@ def _channel_followers(ctx: OpContext, x, names: list[str | None]) -> None:
     if ids is None:
         return ctx.output(None)
     for name in names:
-        ctx.member(name, 0, ids, "follower")
+        ctx.member(name, 0, ids, Role.FOLLOWER)
     ctx.output(Label(1, ids))
 
 
@@ -259,7 +259,7 @@ def group_norm(ctx: OpContext) -> None:
         return ctx.output(None)
     ctx.elements.fuse_rows(ids.reshape(groups, -1))
     for name in names:
-        ctx.member(name, 0, ids, "follower")
+        ctx.member(name, 0, ids, Role.FOLLOWER)
     ctx.output(Label(1, ids))
 
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from autosparse.analysis.context import OpContext
+from autosparse.analysis.context import OpContext, Role
 from autosparse.analysis.labels import Label
 from autosparse.analysis.registry import Registry
 
@@ -58,7 +58,7 @@ def pointwise(ctx: OpContext) -> None:
             continue  # broadcast along the channel dim: the same value for every channel
         name = ctx.tensor_name(node)
         if name is not None:
-            ctx.member(name, own, ids, "follower")
+            ctx.member(name, own, ids, Role.FOLLOWER)
         else:
             ctx.block(labels[0], f"an element-wise op with '{node.name}', a tensor autosparse cannot slice")
     ctx.output(Label(dim, ids))

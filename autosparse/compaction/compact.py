@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from autosparse.analysis import Role
 from autosparse.compaction.hf_config import sync_config
 from autosparse.compaction.layer_gates import remove_branches
 from autosparse.compaction.record import Record, attach_record
@@ -24,28 +25,15 @@ from autosparse.compaction.replay import base_config, replay
 from autosparse.errors import ArgumentError, CompactionError, EquivalenceError
 from autosparse.gating.batch import unbatch_gates
 from autosparse.gating.gate import GateSite, remove_input_gating
+from autosparse.gating.kept import kept_mask
 from autosparse.state import SparsityState, flatten_outputs, get_state, run_model
-
-
-def _kept_indices(gg, gate) -> set[int]:
-    """Units kept: non-zero gates, topped up to the rule's min_keep and round_to with zero-gated ones."""
-    with torch.no_grad():
-        values = gate.values().detach().cpu()
-    n = len(gg.units)
-    keep = set(torch.nonzero(values).flatten().tolist())
-    keep_n = gg.rule.round_keep(max(len(keep), gg.rule.resolve_min_keep(n)), n)
-    for i in torch.argsort(gate.gamma.detach().float().cpu(), descending=True).tolist():
-        if len(keep) >= keep_n:
-            break
-        keep.add(i)  # a zero-gated unit contributes nothing, so keeping it is still exact
-    return keep
 
 
 def removed_units(state: SparsityState) -> tuple[set[int], dict[str, dict[str, int]]]:
     """Class roots to remove: units whose gate is zero, within each rule's min_keep and round_to."""
     removed, summary = set(), {}
     for gg, gate in zip(state.plan.gated, state.gate_list()):
-        keep = _kept_indices(gg, gate)
+        keep = set(torch.nonzero(kept_mask(gate, gg.rule)).flatten().tolist())
         if not gg.branches:
             removed.update(gg.units[i] for i in range(len(gg.units)) if i not in keep)
         summary[gg.name] = {"before": len(gg.units), "after": len(keep)}
@@ -57,7 +45,7 @@ def _keep_one_per_producer(state: SparsityState, removed: set[int]) -> None:
     """A group can span several producers (concat parts joined by a depthwise conv); min_keep counts
     the group, so one producer could lose every output. Keep one (zero-gated, so exact) unit there."""
     for member in state.plan.analysis.members:
-        if member.role != "producer" or len(member.ids) == 0:
+        if member.role != Role.PRODUCER or len(member.ids) == 0:
             continue
         roots = np.unique(member.ids)
         if all(int(r) in removed for r in roots):
@@ -69,7 +57,7 @@ def removed_branches(state: SparsityState) -> list:
     out = []
     for gg, gate in zip(state.plan.gated, state.gate_list()):
         if gg.branches:
-            keep = _kept_indices(gg, gate)
+            keep = set(torch.nonzero(kept_mask(gate, gg.rule)).flatten().tolist())
             out.extend(b for i, b in enumerate(gg.branches) if i not in keep)
     return out
 

@@ -2,7 +2,8 @@
 
 * :mod:`~autosparse.policy.schema`: the strict mapping -> dataclass layer (unknown keys, types, hints);
 * :mod:`~autosparse.policy.rule`: one rule (which modules, which granularity, ``min_keep`` / ``round_to``);
-* :mod:`~autosparse.policy.document`: the whole document (rules, gate, penalty, schedule, target).
+* :mod:`~autosparse.policy.document`: the whole document (rules, gate, penalty, schedule, target);
+* :mod:`~autosparse.policy.json_schema`: the JSON Schema of a policy file, generated from the above.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from autosparse.policy.document import (
     Target,
     load_policy,
 )
+from autosparse.policy.json_schema import json_schema, json_schema_text
 from autosparse.policy.rule import Granularity, Rule
 
 __all__ = [
@@ -33,5 +35,7 @@ __all__ = [
     "Rule",
     "Schedule",
     "Target",
+    "json_schema",
+    "json_schema_text",
     "load_policy",
 ]

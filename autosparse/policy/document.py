@@ -31,10 +31,10 @@ from autosparse.policy.schema import (
     is_int,
     load_yaml,
     number_hint,
-    optional,
     parse,
     real,
     section,
+    with_schema,
 )
 
 GateKind = Literal["ds", "hard_concrete"]
@@ -46,12 +46,14 @@ COST_WEIGHTINGS: tuple[str, ...] = ("none", "flops", "params")
 # ----------------------------------------------------------------------------- policy-level checks
 
 
+@with_schema({"const": 1})
 def _version(value: Any, at: At) -> int:
     if not (is_int(value) and value == 1):
         raise at.bad(value, "1 (the only policy format so far)", number_hint(value))
     return value
 
 
+@with_schema({"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/Rule"}})  # names unique: not expressible
 def _rules(value: Any, at: At) -> tuple[Rule, ...]:
     if isinstance(value, Mapping):
         raise at.bad(value, "a list of rules", " (start each rule with '- ')")
@@ -87,7 +89,7 @@ class GateConfig(Validated):
 
     _CHECKS: ClassVar[dict[str, Check]] = {
         "kind": choice(GATE_KINDS),
-        "tau": real("a number in (0, 1)", lambda v: 0 < v < 1),
+        "tau": real(gt=0, lt=1),
     }
 
 
@@ -106,8 +108,8 @@ class PenaltyConfig(Validated):
     cost_weighting: CostWeighting = "none"
 
     _CHECKS: ClassVar[dict[str, Check]] = {
-        "lam": real("a number > 0", lambda v: v > 0),
-        "p": real("a number in (0, 1)", lambda v: 0 < v < 1),
+        "lam": real(gt=0),
+        "p": real(gt=0, lt=1),
         "cost_weighting": choice(COST_WEIGHTINGS),
     }
     _YAML_KEYS: ClassVar[dict[str, str]] = {"lam": "lambda"}
@@ -126,8 +128,8 @@ class Schedule(Validated):
     freeze_step: int | None = None
 
     _CHECKS: ClassVar[dict[str, Check]] = {
-        "warmup_steps": integer("an integer >= 0", lambda v: v >= 0),
-        "freeze_step": optional(integer("null or an integer >= 1", lambda v: v >= 1)),
+        "warmup_steps": integer(ge=0),
+        "freeze_step": integer(null=True, ge=1),
     }
 
     @classmethod
@@ -154,9 +156,9 @@ class Target(Validated):
     tolerance: float = 0.05
 
     _CHECKS: ClassVar[dict[str, Check]] = {
-        "flops": optional(real("null or a fraction in (0, 1)", lambda v: 0 < v < 1)),
-        "params": optional(real("null or a fraction in (0, 1)", lambda v: 0 < v < 1)),
-        "tolerance": real("a number in (0, 0.5]", lambda v: 0 < v <= 0.5),
+        "flops": real(noun="a fraction", null=True, gt=0, lt=1),
+        "params": real(noun="a fraction", null=True, gt=0, lt=1),
+        "tolerance": real(gt=0, le=0.5),
     }
 
     @classmethod

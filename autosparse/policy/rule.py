@@ -17,7 +17,18 @@ from typing import Any, ClassVar
 import torch
 
 from autosparse.errors import PolicyError
-from autosparse.policy.schema import At, Check, Validated, choice, integer, is_int, number_hint, real, strings
+from autosparse.policy.schema import (
+    At,
+    Check,
+    Validated,
+    choice,
+    integer,
+    is_int,
+    number_hint,
+    real,
+    strings,
+    with_schema,
+)
 
 
 class Granularity(str, enum.Enum):
@@ -35,8 +46,12 @@ class Granularity(str, enum.Enum):
 # ----------------------------------------------------------------------------- field checks of a rule
 
 
+_CLASS_NAMES = strings("module class names", item={"type": "string", "pattern": "^[A-Za-z_][A-Za-z0-9_]*$"})
+
+
+@with_schema(_CLASS_NAMES.json_schema)
 def _class_names(value: Any, at: At) -> tuple[str, ...]:
-    names = strings("module class names")(value, at)
+    names = _CLASS_NAMES(value, at)
     for i, name in enumerate(names):
         if not name.isidentifier():
             hint = f" (write {name.rsplit('.', 1)[-1]!r})" if "." in name else ""
@@ -44,12 +59,15 @@ def _class_names(value: Any, at: At) -> tuple[str, ...]:
     return names
 
 
+@with_schema({"type": "string"})
 def _name(value: Any, at: At) -> str:
     if not isinstance(value, str):
         raise at.bad(value, "a string (the rule's name)")
     return value
 
 
+@with_schema({"anyOf": [{"type": "integer", "minimum": 1},
+                         {"type": "number", "exclusiveMinimum": 0, "maximum": 1}]})
 def _min_keep(value: Any, at: At) -> int | float:
     if (is_int(value) and value >= 1) or (isinstance(value, float) and 0 < value <= 1):
         return value
@@ -81,7 +99,9 @@ class Rule(Validated):
         name: Shown in reports and errors; an empty name becomes ``rule<i>`` inside a :class:`Policy`.
         modules: ``fnmatch`` globs over module names (``model.named_modules()``); one string is wrapped.
         types: Module class names; a module matches if any class in its MRO has one. Empty: any type.
-        exclude: Globs of module names the rule never matches; they win over ``modules``.
+        exclude: Globs of module names the rule never matches; they win over ``modules``. Excluding
+            one member of a coupled group (say a stem conv that feeds a residual stream) keeps
+            the whole group out of this rule, so the excluded module's width stays.
         min_keep: Units every group keeps: an int >= 1, or a float in (0, 1] as a fraction of the group.
         round_to: Kept unit counts are rounded up to a multiple of this (hardware-friendly shapes).
         penalty_weight: Multiplies the penalty's lambda for the groups of this rule.
@@ -110,8 +130,8 @@ class Rule(Validated):
         "types": _class_names,
         "exclude": strings("glob patterns"),
         "min_keep": _min_keep,
-        "round_to": integer("an integer >= 1", lambda v: v >= 1),
-        "penalty_weight": real("a number >= 0", lambda v: v >= 0),
+        "round_to": integer(ge=1),
+        "penalty_weight": real(ge=0),
     }
     _REQUIRED_HINT: ClassVar[str] = "every rule needs a granularity: 'channel', 'head' or 'layer'"
 
@@ -141,11 +161,23 @@ class Rule(Validated):
         """
         if not any(fnmatchcase(module_name, p) for p in self.modules):
             return False
-        if any(fnmatchcase(module_name, p) for p in self.exclude):
+        if self.excluded_by(module_name) is not None:
             return False
         if not self.types:
             return True
         return module is not None and any(c.__name__ in self.types for c in type(module).__mro__)
+
+    def excluded_by(self, module_name: str) -> str | None:
+        """The first ``exclude`` glob that matches the module's name, or ``None``.
+
+        A plan uses it on every member of a coupled group: one excluded member keeps the whole
+        group ungated by this rule, since its units cannot go without the excluded module's.
+
+        Example:
+            >>> Rule("channel", exclude=["stem*", "head"]).excluded_by("stem.0")
+            'stem*'
+        """
+        return next((p for p in self.exclude if fnmatchcase(module_name, p)), None)
 
     def resolve_min_keep(self, n_units: int) -> int:
         """The number of units a group of ``n_units`` must keep under this rule.
@@ -195,6 +227,16 @@ class Rule(Validated):
             raise PolicyError(f"rule {self.name!r}: round_keep got k={k} > n={n}; k must be at most n")
         return min(n, -(-k // self.round_to) * self.round_to)
 
+
+    def kept_count(self, nonzero: int, n: int) -> int:
+        """How many of a group's ``n`` units survive compaction when ``nonzero`` gates are open:
+        at least ``min_keep``, rounded up to ``round_to`` (the one place this rule is written down).
+
+        Example:
+            >>> Rule("channel", min_keep=2, round_to=4).kept_count(5, 20)
+            8
+        """
+        return self.round_keep(max(nonzero, self.resolve_min_keep(n)), n)
 
 def _check_count(rule: Rule, what: str, value: object, lo: int) -> None:
     if not is_int(value) or value < lo:

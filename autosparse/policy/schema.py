@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import enum
 import math
+import operator
 import os
 import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -217,29 +218,72 @@ def did_you_mean(value: object, allowed: Sequence[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def integer(expected: str, ok: Callable[[int], bool]) -> Check:
-    def check(value: Any, at: At) -> int:
-        if not is_int(value) or not ok(value):
-            raise at.bad(value, expected, number_hint(value, want_int=True))
-        return value
+def with_schema(fragment: dict[str, Any]) -> Callable[[Check], Check]:
+    """Attach the JSON Schema of what a check accepts; :func:`autosparse.policy.json_schema` reads it.
+
+    The factories below derive both the check and its fragment from one set of bounds; a
+    hand-written check (``_min_keep``) declares its fragment right on itself with this decorator.
+
+    Example:
+        >>> @with_schema({"const": 1})
+        ... def one(value, at): return value
+        >>> one.json_schema
+        {'const': 1}
+    """
+
+    def attach(check: Check) -> Check:
+        check.json_schema = fragment  # type: ignore[attr-defined]
+        return check
+
+    return attach
+
+
+_BOUNDS = {"gt": "exclusiveMinimum", "ge": "minimum", "lt": "exclusiveMaximum", "le": "maximum"}
+
+
+def _range_text(bounds: dict[str, float]) -> str:
+    """``in (0, 0.5]`` or ``>= 1``: the bounds as the error messages and the docs write them."""
+    lo = next(((k, v) for k, v in bounds.items() if k in ("gt", "ge")), None)
+    hi = next(((k, v) for k, v in bounds.items() if k in ("lt", "le")), None)
+    if lo and hi:
+        return f"in {'(' if lo[0] == 'gt' else '['}{lo[1]:g}, {hi[1]:g}{')' if hi[0] == 'lt' else ']'}"
+    op = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}
+    return " ".join(f"{op[k]} {v:g}" for k, v in bounds.items())
+
+
+def _within(value: float, bounds: dict[str, float]) -> bool:
+    return all(getattr(operator, k)(value, v) for k, v in bounds.items())
+
+
+def _bounded(kind: str, noun: str, null: bool, bounds: dict[str, float]) -> Check:
+    """One number check and its schema from one set of bounds (``gt``/``ge``/``lt``/``le``)."""
+    expected = f"{'null or ' if null else ''}{noun} {_range_text(bounds)}"
+    is_ok = is_int if kind == "integer" else is_real
+    fragment: dict[str, Any] = {"type": kind, **{_BOUNDS[k]: v for k, v in bounds.items()}}
+
+    @with_schema({"anyOf": [fragment, {"type": "null"}]} if null else fragment)
+    def check(value: Any, at: At) -> Any:
+        if null and value is None:
+            return None
+        if not is_ok(value) or not _within(value, bounds):
+            raise at.bad(value, expected, number_hint(value, want_int=kind == "integer"))
+        return value if kind == "integer" else float(value)
 
     return check
 
 
-def real(expected: str, ok: Callable[[float], bool]) -> Check:
-    def check(value: Any, at: At) -> float:
-        if not is_real(value) or not ok(value):
-            raise at.bad(value, expected, number_hint(value))
-        return float(value)
-
-    return check
+def integer(*, null: bool = False, **bounds: int) -> Check:
+    """An integer within ``bounds`` (``ge=1``); ``null`` also takes None. Message: ``an integer >= 1``."""
+    return _bounded("integer", "an integer", null, bounds)
 
 
-def optional(inner: Check) -> Check:
-    return lambda value, at: None if value is None else inner(value, at)
+def real(*, noun: str = "a number", null: bool = False, **bounds: float) -> Check:
+    """A finite number within ``bounds`` (``gt=0, lt=1``), returned as a float: ``a number in (0, 1)``."""
+    return _bounded("number", noun, null, bounds)
 
 
 def choice(allowed: Sequence[str], convert: Callable[[str], Any] = str) -> Check:
+    @with_schema({"type": "string", "enum": list(allowed)})
     def check(value: Any, at: At) -> Any:
         if isinstance(value, str) and value in allowed:
             return convert(value)
@@ -248,9 +292,16 @@ def choice(allowed: Sequence[str], convert: Callable[[str], Any] = str) -> Check
     return check
 
 
-def strings(what: str, *, wrap_str: bool = False, non_empty: bool = False) -> Check:
-    """A list of non-empty strings (globs or class names); ``wrap_str`` also takes one bare string."""
+NON_BLANK = {"type": "string", "pattern": "\\S"}  # what `item.strip()` below accepts
 
+
+def strings(what: str, *, wrap_str: bool = False, non_empty: bool = False,
+            item: dict[str, Any] = NON_BLANK) -> Check:
+    """A list of non-empty strings (globs or class names); ``wrap_str`` also takes one bare string.
+    ``item`` is the JSON Schema of one string (the caller's own check may narrow it further)."""
+    array: dict[str, Any] = {"type": "array", "items": item, **({"minItems": 1} if non_empty else {})}
+
+    @with_schema({"anyOf": [item, array]} if wrap_str else array)
     def check(value: Any, at: At) -> tuple[str, ...]:
         if wrap_str and isinstance(value, str):
             value = [value]
@@ -259,9 +310,9 @@ def strings(what: str, *, wrap_str: bool = False, non_empty: bool = False) -> Ch
             raise at.bad(value, f"a list of {what}", hint)
         if non_empty and not value:
             raise at.bad(value, f"a non-empty list of {what} (use ['*'] for every module)")
-        for i, item in enumerate(value):
-            if not isinstance(item, str) or not item.strip():
-                raise at.item(i).bad(item, f"a non-empty string ({what})")
+        for i, entry in enumerate(value):
+            if not isinstance(entry, str) or not entry.strip():
+                raise at.item(i).bad(entry, f"a non-empty string ({what})")
         return tuple(value)
 
     return check
@@ -270,6 +321,7 @@ def strings(what: str, *, wrap_str: bool = False, non_empty: bool = False) -> Ch
 def section(cls: type[Validated]) -> Check:
     """A nested section: an instance as is, a mapping parsed, ``None`` for all defaults."""
 
+    @with_schema({"anyOf": [{"$ref": f"#/$defs/{cls.__name__}"}, {"type": "null"}]})
     def check(value: Any, at: At) -> Validated:
         if isinstance(value, cls):
             return value

@@ -38,7 +38,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from autosparse.analysis import Role
 from autosparse.errors import PolicyError
+from autosparse.gating.kept import kept_mask
 from autosparse.measure import flops_by_module
 from autosparse.state import SparsityState
 
@@ -99,20 +101,7 @@ class CostModel:
     def kept_now(self, state: SparsityState) -> torch.Tensor:
         """The 0/1 kept vector ``compact`` would use now: non-zero gates, topped up to each rule's
         ``min_keep`` and ``round_to`` with the zero-gated units of largest ``gamma`` (as compaction does)."""
-        parts = []
-        for gg, gate in zip(state.plan.gated, state.gate_list()):
-            with torch.no_grad():
-                kept = (gate.values().detach() != 0).cpu()
-                n = len(gg.units)
-                need = gg.rule.round_keep(max(int(kept.sum()), gg.rule.resolve_min_keep(n)), n) - int(
-                    kept.sum()
-                )
-                if need > 0:
-                    order = torch.argsort(
-                        gate.gamma.detach().float().cpu().masked_fill(kept, float("-inf")), descending=True
-                    )
-                    kept[order[:need]] = True
-            parts.append(kept.double())
+        parts = [kept_mask(gate, gg.rule).double() for gg, gate in zip(state.plan.gated, state.gate_list())]
         return torch.cat(parts)
 
     def soft_kept(self, state: SparsityState) -> torch.Tensor:
@@ -126,7 +115,7 @@ class CostModel:
         kept = torch.zeros(self.n_units, dtype=torch.float64)
         for i, gg in enumerate(state.plan.gated):
             n = len(gg.units)
-            kept[self.offsets[i] : self.offsets[i] + gg.rule.round_keep(gg.rule.resolve_min_keep(n), n)] = 1.0
+            kept[self.offsets[i] : self.offsets[i] + gg.rule.kept_count(0, n)] = 1.0
         return kept
 
 
@@ -173,7 +162,7 @@ def build_cost_model(model: nn.Module, state: SparsityState, metric: str) -> Cos
 @dataclass
 class _Slice:
     index: torch.Tensor
-    role: str
+    role: Role
 
 
 def _sliced_dims(state: SparsityState, roots: dict[int, int], n: int) -> dict[str, dict[int, _Slice]]:
@@ -207,7 +196,7 @@ def _flops_term(module: str, flops: int, sliced: dict[str, dict[int, _Slice]], b
         for name, dims in sliced.items()
         if name.startswith(prefix) and name[len(prefix) :].count(".") == 1
         for s in dims.values()
-        if s.role == "producer"
+        if s.role == Role.PRODUCER
     ]
     return _Term(float(flops), [torch.cat(outputs)] if outputs else [], branches)
 

@@ -34,7 +34,7 @@ from autosparse.errors import warn
 from autosparse.gating.batch import penalty_norms
 from autosparse.gating.gate import GateSite
 from autosparse.policy.document import Schedule
-from autosparse.state import SparsityState, get_state, is_sparsified
+from autosparse.state import SparsityState, get_state, unwrap
 from autosparse.training.budget import (
     Controller,
     CostModel,
@@ -43,8 +43,6 @@ from autosparse.training.budget import (
     enforce,
     ramp_end,
 )
-
-_ATTR = "training"  # attribute of SparsityState holding the TrainingState
 
 
 @dataclass
@@ -86,8 +84,8 @@ def training_state(model: nn.Module) -> TrainingState:
     Raises:
         PolicyError: the policy's budget target is below what its rules' ``min_keep`` allow.
     """
-    model, state = _owner(model), get_state(model)
-    existing = getattr(state, _ATTR, None)
+    model, state = unwrap(model), get_state(model)
+    existing = state.training
     if existing is not None:
         return existing
     policy, tr = state.policy, TrainingState()
@@ -103,16 +101,8 @@ def training_state(model: nn.Module) -> TrainingState:
             budget, sched.warmup_steps, ramp_end(sched.warmup_steps, sched.freeze_step)
         )
     tr.weights = _cost_weights(state, tr)
-    setattr(state, _ATTR, tr)
+    state.training = tr
     return tr
-
-
-def _owner(model: nn.Module) -> nn.Module:
-    """The module that carries the gates: ``model`` itself, or the one a DDP / DataParallel wraps."""
-    inner = getattr(model, "module", None)
-    if not is_sparsified(model) and isinstance(inner, nn.Module) and is_sparsified(inner):
-        return inner
-    return model
 
 
 def _cost_weights(state: SparsityState, tr: TrainingState) -> list[float]:
@@ -175,7 +165,7 @@ def cost_fraction(model: nn.Module, metric: str = "flops") -> float:
     state = get_state(model)
     tr = training_state(model)
     if metric not in tr.costs:
-        tr.costs[metric] = build_cost_model(_owner(model), state, metric)
+        tr.costs[metric] = build_cost_model(unwrap(model), state, metric)
     cost = tr.costs[metric]
     return cost.fraction(cost.kept_now(state))
 
@@ -242,7 +232,7 @@ def freeze(model: nn.Module) -> None:
                 f"gates froze at {frac:.3f} of the dense {target.metric}, below target.{target.metric} "
                 f"({getattr(target, target.metric):g}) minus its tolerance; train longer before freeze_step"
             )
-    _normalize(_owner(model), state)
+    _normalize(unwrap(model), state)
     for gate in state.gate_list():
         gate.gamma.requires_grad_(False)
         gate.gamma.grad = None
