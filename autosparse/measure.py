@@ -354,11 +354,11 @@ def summarize(model: nn.Module, example_inputs: tuple, latency: bool = False) ->
     )
 
 
-_SI = (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3), ("", 1))
-_BINARY = ((" GiB", 2**30), (" MiB", 2**20), (" KiB", 2**10), (" B", 1))
+SI_UNITS = (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3), ("", 1))
+BINARY_UNITS = ((" GiB", 2**30), (" MiB", 2**20), (" KiB", 2**10), (" B", 1))
 
 
-def _human(value: float, units: tuple[tuple[str, float], ...]) -> str:
+def human(value: float, units: tuple[tuple[str, float], ...]) -> str:
     unit, scale = next((u, s) for u, s in units if abs(value) >= s or s == 1)
     return f"{value:g}{unit}" if scale == 1 else f"{value / scale:.2f}{unit}"
 
@@ -382,9 +382,9 @@ def compare(before: Summary, after: Summary) -> str:
         latency       -      -      -
     """
     rows: list[tuple[str, float | None, float | None, Callable[[float], str]]] = [
-        ("params", before.params, after.params, lambda n: _human(n, _SI)),
-        ("FLOPs", before.flops, after.flops, lambda n: _human(n, _SI)),
-        ("size", before.size_bytes, after.size_bytes, lambda n: _human(n, _BINARY)),
+        ("params", before.params, after.params, lambda n: human(n, SI_UNITS)),
+        ("FLOPs", before.flops, after.flops, lambda n: human(n, SI_UNITS)),
+        ("size", before.size_bytes, after.size_bytes, lambda n: human(n, BINARY_UNITS)),
         ("latency", before.latency_ms, after.latency_ms, lambda ms: f"{ms:.2f} ms"),
     ]
     table = [("", "before", "after", "ratio")]

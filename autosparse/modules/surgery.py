@@ -131,7 +131,7 @@ def head_count_attribute(module: nn.Module, value: int) -> str | None:
     return found
 
 
-def _out_features(module: nn.Module) -> int | None:
+def out_features(module: nn.Module) -> int | None:
     weight = getattr(module, "weight", None)
     if weight is None:
         return None
@@ -144,13 +144,13 @@ def head_layout(module: nn.Module) -> tuple[int, int, int] | None:
     head_dim = next((getattr(module, n) for n in _HEAD_DIM_NAMES if isinstance(getattr(module, n, None), int)),
                     None)
     q_name = next((n for n in _Q_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
-    if not head_dim or q_name is None or _out_features(getattr(module, q_name)) is None:
+    if not head_dim or q_name is None or out_features(getattr(module, q_name)) is None:
         return None
     q = getattr(module, q_name)
     fused = 3 if type(q).__name__ == "Conv1D" or q_name in _FUSED_QKV or "qkv" in type(q).__name__.lower() else 1
-    n_q = _out_features(q) // fused // head_dim
+    n_q = out_features(q) // fused // head_dim
     k = next((getattr(module, n) for n in _K_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
-    n_kv = _out_features(k) // head_dim if k is not None and _out_features(k) else n_q
+    n_kv = out_features(k) // head_dim if k is not None and out_features(k) else n_q
     return head_dim, n_q, n_kv
 
 

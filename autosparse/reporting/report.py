@@ -27,7 +27,7 @@ from autosparse.compaction.compact import fold_gates
 from autosparse.compaction.record import record_of
 from autosparse.compaction.replay import moved
 from autosparse.errors import ExampleInputsError
-from autosparse.measure import _BINARY, _SI, _human, count_params, flops_by_module, measure_latency
+from autosparse.measure import BINARY_UNITS, SI_UNITS, count_params, flops_by_module, human, measure_latency
 from autosparse.reporting.plots import plot_widths
 from autosparse.state import STATE_ATTR, get_state, is_sparsified
 
@@ -69,7 +69,7 @@ class Report:
 
     def __str__(self) -> str:
         header = ("", "units", "params", "FLOPs", "size", "latency")
-        fmts = (str, lambda n: _human(n, _SI), lambda n: _human(n, _SI), lambda n: _human(n, _BINARY),
+        fmts = (str, lambda n: human(n, SI_UNITS), lambda n: human(n, SI_UNITS), lambda n: human(n, BINARY_UNITS),
                 lambda ms: f"{ms:.2f} ms")
         rows = [header]
         for r in [self.total, *self.groups]:
