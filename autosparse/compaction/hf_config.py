@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from autosparse.modules.surgery import _out_features, head_layout
+from autosparse.modules.surgery import out_features, head_layout
 
 _MLP_IN = ("gate_proj", "up_proj", "fc1", "c_fc", "wi", "w1")
 _CONFIG_HEADS = ("num_attention_heads", "n_head", "num_heads")
@@ -27,8 +27,8 @@ def _attention_widths(model: nn.Module) -> tuple[set[int], set[int]]:
 def _mlp_widths(model: nn.Module) -> set[int]:
     widths = set()
     for name, module in model.named_modules():
-        if name.rpartition(".")[2] in _MLP_IN and _out_features(module):
-            widths.add(_out_features(module))
+        if name.rpartition(".")[2] in _MLP_IN and out_features(module):
+            widths.add(out_features(module))
     return widths
 
 
