@@ -68,6 +68,21 @@ def penalty_norms(gates: list[Gate], p: float, cache: dict) -> torch.Tensor:
     return batched_norms(gates, p, layout)
 
 
+class LazyBatch:
+    """Every gate's values of one forward, computed on the first request, not in the pre-hook:
+    wrappers that gather the gate parameters in their own pre-hook (FSDP2 shards them between
+    forwards) have done so by the time the first gated weight is used."""
+
+    def __init__(self, gates: list[Gate], layout: _Layout) -> None:
+        self.gates, self.layout = gates, layout
+        self.rows: dict[int, torch.Tensor] | None = None
+
+    def row(self, gate: Gate) -> torch.Tensor:
+        if self.rows is None:
+            self.rows = {id(g): v for g, v in zip(self.gates, batched_values(self.gates, self.layout))}
+        return self.rows[id(gate)]
+
+
 class _StartForward:
     """Forward pre-hook on the root: lend every gate its batched values. A plain object, so it
     survives deepcopy and pickle (the copy's hook then holds the copy's gates)."""
@@ -82,8 +97,9 @@ class _StartForward:
         device = self.gates[0].gamma.device
         if self.layout is None or self.layout.device != device:
             self.layout = _Layout(self.gates, device)
-        for gate, values in zip(self.gates, batched_values(self.gates, self.layout)):
-            gate.lend(values)
+        batch = LazyBatch(self.gates, self.layout)
+        for gate in self.gates:
+            gate.lend(batch)
 
     def __getstate__(self) -> dict:
         return {"gates": self.gates, "layout": None}  # the layout is rebuilt on first use

@@ -21,10 +21,14 @@ one; see :func:`gate_inputs`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # batch.py builds on this module
+    from autosparse.gating.batch import LazyBatch
 
 TINY_SHARE = 1e-30
 
@@ -71,13 +75,13 @@ class Gate(nn.Module):
     def values(self) -> torch.Tensor:
         """Current effective gate values: exactly 1 when fresh, exactly 0 where a unit is off."""
         lent = self.__dict__.get("_lent")
-        if lent is not None:  # inside a forward: computed with every other gate (gate_batch)
-            return lent
+        if lent is not None:  # inside a forward: computed with every other gate (gating.batch)
+            return lent.row(self)
         return threshold(self.shares(), self.size, self.tau).masked_fill(self.forced_off, 0.0)
 
-    def lend(self, values: torch.Tensor | None) -> None:
-        """Use ``values`` (this gate's row of a batched computation) until lent ``None`` again."""
-        self.__dict__["_lent"] = values
+    def lend(self, batch: LazyBatch | None) -> None:
+        """Take values from ``batch`` (a batched computation of every gate) until lent ``None`` again."""
+        self.__dict__["_lent"] = batch
 
     def zero_(self, indices: Sequence[int] | torch.Tensor) -> Gate:
         """Force units to exact zero (manual pruning, tests). Returns self."""

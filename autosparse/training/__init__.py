@@ -2,6 +2,7 @@
 
 * :mod:`~autosparse.training.schedule`: :func:`attach` (hooks, no loop changes), :func:`step`,
   :func:`freeze`, the lambda warm-up and the per-model :class:`TrainingState`;
+* :mod:`~autosparse.training.distributed`: FSDP2 / DDP: gates kept whole, their gradients averaged;
 * :mod:`~autosparse.training.budget`: the cost model (FLOPs / params from the gate values) and the
   controller that adapts lambda so the compacted model lands on the policy's ``target``.
 
@@ -13,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+from autosparse.training.distributed import average_gate_grads, fsdp_ignored_params
 from autosparse.training.schedule import (
     HISTORY,
     Attachment,
@@ -34,9 +36,11 @@ __all__ = [
     "Attachment",
     "TrainingState",
     "attach",
+    "average_gate_grads",
     "cost_fraction",
     "current_lambda",
     "freeze",
+    "fsdp_ignored_params",
     "gate_parameters",
     "penalty_terms",
     "penalty_value",

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from autosparse.errors import warn
 from autosparse.gating.batch import penalty_norms
@@ -43,6 +43,7 @@ from autosparse.training.budget import (
     enforce,
     ramp_end,
 )
+from autosparse.training.distributed import average_gate_grads, scale_
 
 
 @dataclass
@@ -266,7 +267,7 @@ def _normalize(model: nn.Module, state: SparsityState) -> None:
         for chain, before in zip(chains, old):
             after = math.prod(site.multiplier() for site in chain)
             ratio = torch.where(after != 0, before / after.where(after != 0, torch.ones_like(after)), 1.0)
-            chain.original.mul_(ratio.to(chain.original.dtype))
+            scale_(chain.original, ratio)
 
 
 def _restore(state: SparsityState, tr: TrainingState) -> None:
@@ -347,18 +348,28 @@ def attach(
     ref = weakref.ref(model)
 
     def after_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if opt not in owns:
-            owns[opt] = any(id(p) in gammas for group in opt.param_groups for p in group["params"])
         target = ref()
-        if owns[opt] and target is not None:
+        if _owns(opt, gammas, owns) and target is not None:
             step(target)
 
+    def before_step(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        target = ref()
+        if target is not None and _owns(opt, gammas, owns):
+            average_gate_grads(target)  # no-op unless several processes train (FSDP2 ignores the gates)
+
     if optimizer is not None:
-        handles.append(optimizer.register_step_post_hook(after_step))
+        handles += [optimizer.register_step_pre_hook(before_step), optimizer.register_step_post_hook(after_step)]
     else:
-        handles.append(register_optimizer_step_post_hook(after_step))
+        handles += [register_optimizer_step_pre_hook(before_step), register_optimizer_step_post_hook(after_step)]
     tr.attachment = Attachment(model, handles)
     return tr.attachment
+
+
+def _owns(opt: torch.optim.Optimizer, gammas: set[int], owns: weakref.WeakKeyDictionary) -> bool:
+    """Whether ``opt`` holds gate parameters (cached per optimizer)."""
+    if opt not in owns:
+        owns[opt] = any(id(p) in gammas for group in opt.param_groups for p in group["params"])
+    return owns[opt]
 
 
 def _penalty_hook(model: nn.Module, index: int):
