@@ -178,13 +178,13 @@ def _first_rule(policy: Policy, group: Group, modules: dict[str, nn.Module]) -> 
     for rule in policy.rules:
         if str(rule.granularity) != group.granularity:
             continue
-        if not any(rule.matches(name, modules.get(name)) for name in group.producers):
+        if not any(rule.selects(name, modules.get(name)) for name in group.producers):
             continue
         hit = next(((n, g) for n in group.producers if (g := rule.excluded_by(n)) is not None), None)
         if hit is None:
             return rule, ""
-        why = why or (f"rule {rule.name!r} excludes {hit[0]!r} (exclude {hit[1]!r}), a member of this coupled "
-                      f"group of {len(group.producers)} modules, so the whole group keeps its width")
+        coupled = f", a member of this coupled group of {len(group.producers)} modules," if len(group.producers) > 1 else ""
+        why = why or f"rule {rule.name!r} excludes {hit[0]!r} (exclude {hit[1]!r}){coupled} so the group keeps its width"
     return None, why
 
 

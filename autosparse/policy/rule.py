@@ -159,9 +159,16 @@ class Rule(Validated):
             >>> Rule("channel", exclude=["head*"]).matches("head.fc")
             False
         """
+        return self.selects(module_name, module) and self.excluded_by(module_name) is None
+
+    def selects(self, module_name: str, module: torch.nn.Module | None = None) -> bool:
+        """Whether ``modules`` and ``types`` select the module, before ``exclude`` is applied.
+
+        Example:
+            >>> Rule("channel", exclude=["head*"]).selects("head.fc")
+            True
+        """
         if not any(fnmatchcase(module_name, p) for p in self.modules):
-            return False
-        if self.excluded_by(module_name) is not None:
             return False
         if not self.types:
             return True
