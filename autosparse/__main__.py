@@ -6,4 +6,5 @@ import sys
 
 from autosparse.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when a spawned worker (the demo's baseline) imports the parent's main module
+    sys.exit(main())

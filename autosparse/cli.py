@@ -2,7 +2,8 @@
 
 MODEL arguments are ``package.module:callable`` (the callable returns a model, or a tuple
 ``(model, example_inputs)``) or a Hugging Face config: a local directory or ``config.json``, or a
-hub name already in the local cache (nothing is downloaded). Exit codes: 0 success, 1 the command
+hub name already in the local cache (nothing is downloaded). ``inspect``, ``export`` and ``report``
+also take a save directory (``plan.json``) or a gated checkpoint (``checkpoint.json``). Exit codes: 0 success, 1 the command
 ran and failed (an autosparse error, with its message), 2 the command line is wrong (unknown
 option, a MODEL that cannot be resolved, a missing file).
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.metadata
 import json
 import os
 import sys
@@ -27,7 +29,7 @@ from autosparse.api import compact, gates, sparsify
 from autosparse.compaction.record import record_of
 from autosparse.errors import PlanMismatchError
 from autosparse.io.export import export
-from autosparse.reporting.explain import explain
+from autosparse.reporting.explain import Explanation, explain
 from autosparse.reporting.report import report
 
 
@@ -38,6 +40,26 @@ class UsageError(Exception):
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (``sys.exit(main())`` in the console script)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        code = _dispatch(argv)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's exit flush
+        return code
+    except BrokenPipeError:
+        # `autosparse report --json | head -1`: the reader has what it wanted; that is success.
+        _stdout_to_devnull()
+        return 0
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # stdout without a file descriptor (captured)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - lives until the process exits
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["demo"]:  # the demo parses its own options, --help included
         return _demo(argv[1:])
     parser = _parser()
@@ -50,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"autosparse {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        raise
     except Exception as exc:  # every failure becomes a one-line message and exit code 1
         if args.traceback:
             raise
@@ -63,11 +87,15 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 success, 1 the command failed, 2 bad command line. "
                "MODEL: 'pkg.module:build' or a local Hugging Face config (directory, config.json or cached name).")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--version", action="version", version=f"autosparse {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("inspect", help="show what a policy would gate in a model, and what it cannot and why")
-    p.add_argument("model", metavar="MODEL", help="'pkg.module:build' or a local Hugging Face config")
-    p.add_argument("--policy", required=True, help="policy YAML file (e.g. configs/channels.yaml)")
+    p.add_argument("model", metavar="MODEL|SAVE_DIR|CHECKPOINT",
+                   help="'pkg.module:build', a local Hugging Face config, a save directory or a checkpoint")
+    p.add_argument("--policy", help="policy YAML file (e.g. configs/channels.yaml); required for a MODEL")
+    p.add_argument("--model", dest="base", metavar="MODEL",
+                   help="MODEL that builds the base of a save directory or checkpoint (default: its model_spec)")
     _input_options(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=_inspect)
@@ -81,11 +109,15 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_compact)
 
     p = sub.add_parser("export", help="export a saved compacted model with torch.export or to ONNX")
-    p.add_argument("saved", metavar="SAVE_DIR", help="directory written by autosparse.save / autosparse compact")
+    p.add_argument("saved", metavar="SAVE_DIR|CHECKPOINT",
+                   help="directory written by autosparse.save / autosparse compact, or a gated checkpoint "
+                        "(compacted, verified, then exported)")
     p.add_argument("out", metavar="OUT", help="file to write (.pt2 or .onnx)")
     p.add_argument("--format", choices=("torch", "onnx"), help="default: from OUT's suffix (.onnx -> onnx)")
     p.add_argument("--model", help="MODEL that builds the base model (default: the save's model_spec)")
     p.add_argument("--no-check", action="store_true", help="do not run the exported file to compare outputs")
+    p.add_argument("--static", action="store_true",
+                   help="export at the example's batch size only (default: the batch size is dynamic)")
     _input_options(p)
     p.set_defaults(run=_export)
 
@@ -122,23 +154,51 @@ def _shape(text: str) -> tuple[int, ...]:
 
 # ---------------------------------------------------------------------------------- commands
 def _inspect(args: argparse.Namespace) -> int:
+    if _kind(args.model) is not None:
+        return _inspect_saved(args)
     model, built_inputs = build_model(args.model)
     inputs = _inputs(args, model, built_inputs)
+    if args.policy is None:
+        raise UsageError("inspecting a MODEL needs --policy (e.g. --policy configs/channels.yaml)")
     _require_file(args.policy, "policy")
     with _progress("inspect", 2) as tick:
         net = sparsify(model, args.policy, example_inputs=inputs)
         tick()
         explanation = explain(net)
         tick()
-    gated = gates(net)
-    if args.json:
-        print(json.dumps({"model": args.model, "policy": args.policy,
-                          "gates": {name: g.size for name, g in gated.items()}, **explanation.to_dict()}, indent=1))
-    else:
-        print(f"{args.model}: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} params; "
-              f"policy {args.policy} gates {len(gated)} groups ({sum(g.size for g in gated.values())} units)")
-        print(explanation)
+    head = (f"{args.model}: {type(model).__name__}, {_params(model):,} params; policy {args.policy}")
+    _print_inspection(args, {"model": args.model, "policy": args.policy}, head, net, explanation)
     return 0
+
+
+def _inspect_saved(args: argparse.Namespace) -> int:
+    """``inspect`` of a save directory (what was removed) or a checkpoint (its gates, and why)."""
+    if args.policy is not None:
+        raise UsageError(f"{args.model} holds its own plan: inspect it without --policy")
+    kind, model, meta = _load_any(args.model, args.base)
+    step = f", step {meta['step']}" if meta.get("step") is not None else ""
+    head = f"{args.model}: autosparse {kind} of {type(model).__name__}{step}, {_params(model):,} params"
+    extra = {"path": args.model, "kind": kind, "params": _params(model)}
+    if kind == "save":
+        head += f"; compacted by its plan ({len(record_of(model).groups)} groups)"
+    else:
+        head += "; its stored policy"
+        extra["step"] = meta.get("step")
+    _print_inspection(args, extra, head, model if kind == "checkpoint" else None, explain(model))
+    return 0
+
+
+def _print_inspection(args: argparse.Namespace, extra: dict[str, Any], head: str, net: nn.Module | None,
+                      explanation: Explanation) -> None:
+    gated = gates(net) if net is not None else {}
+    if args.json:
+        print(json.dumps({**extra, "gates": {name: g.size for name, g in gated.items()},
+                          **explanation.to_dict()}, indent=1))
+        return
+    if net is not None:
+        head += f" gates {len(gated)} groups ({sum(g.size for g in gated.values())} units)"
+    print(head)
+    print(explanation)
 
 
 def _compact(args: argparse.Namespace) -> int:
@@ -162,11 +222,14 @@ def _compact(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    small, meta = _load_saved(args.saved, args.model)
+    kind, small, _ = _load_any(args.saved, args.model, required=True)
+    if kind == "checkpoint":
+        small = compact(small)
     inputs = _inputs(args, small, io.load_inputs(args.saved))
     fmt = args.format or ("onnx" if args.out.endswith(".onnx") else "torch")
     with _progress("export", 1) as tick:
-        path = export(small, args.out, example_inputs=inputs, format=fmt, check=not args.no_check)
+        path = export(small, args.out, example_inputs=inputs, format=fmt, check=not args.no_check,
+                      dynamic_batch=not args.static)
         tick()
     print(f"wrote {path} ({fmt}, {os.path.getsize(path):,} bytes, "
           f"{sum(p.numel() for p in small.parameters()):,} params)")
@@ -174,17 +237,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    root = Path(args.path)
-    if (root / io.CHECKPOINT).exists():
-        meta = _read_meta(args.path, io.CHECKPOINT)
-        spec = args.model or meta.get("model_spec")
-        if not spec:
-            raise UsageError("the checkpoint records no model_spec; pass --model pkg.module:build")
-        model = io.load_checkpoint(args.path, build_model(spec)[0])
-        before = None
-    else:
-        model, meta = _load_saved(args.path, args.model)
-        before = _base_model(args.path, meta, args.model)
+    kind, model, meta = _load_any(args.path, args.model, required=True)
+    before = _base_model(args.path, meta, args.model) if kind == "save" else None
     inputs = _inputs(args, model, io.load_inputs(args.path))
     with _progress("report", 1) as tick:
         result = report(model, before=before, example_inputs=inputs, latency=not args.no_latency)
@@ -262,6 +316,39 @@ def _inputs(args: argparse.Namespace, model: nn.Module, fallback: tuple | None) 
 def _require_file(path: str, what: str) -> None:
     if not os.path.isfile(path):
         raise UsageError(f"{what} file {path!r} does not exist")
+
+
+def _kind(path: str) -> str | None:
+    """The kind of directory ``path`` is: "save" (plan.json), "checkpoint" (checkpoint.json) or None."""
+    root = Path(path)
+    if (root / io.PLAN).is_file():
+        return "save"
+    return "checkpoint" if (root / io.CHECKPOINT).is_file() else None
+
+
+def _load_any(path: str, spec: str | None, required: bool = False) -> tuple[str, nn.Module, dict[str, Any]]:
+    """Load a save directory (the compacted model) or a checkpoint (the gated model); returns
+    ``(kind, model, metadata)``. With ``required`` anything else is the error of a missing plan.json."""
+    kind = _kind(path) or ("save" if required else None)
+    if kind == "save":
+        model, meta = _load_saved(path, spec)
+        return kind, model, meta
+    meta = _read_meta(path, io.CHECKPOINT)
+    spec = spec or meta.get("model_spec")
+    if not spec:
+        raise UsageError("the checkpoint records no model_spec; pass --model pkg.module:build")
+    return "checkpoint", io.load_checkpoint(path, build_model(spec)[0]), meta
+
+
+def _params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("autosparse")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+        return "(not installed)"
 
 
 def _read_meta(directory: str, name: str) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -53,8 +54,8 @@ def test_inspect_as_a_subprocess(tiny: Path) -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0] == f"tinymod:build: Sequential, 1,578 params; policy {POLICY} gates 2 groups (24 units)"
-    assert any(line.split()[:3] == ["0", "channel", "8/8"] for line in lines)
-    assert any(line.split()[:3] == ["3", "channel", "16/16"] for line in lines)
+    assert "[gated] channel 8/8 kept  0 (1 conv, 8 ch)" in lines
+    assert "[gated] channel 16/16 kept  3 (1 conv, 16 ch)" in lines
     assert "  - 7: channels reach the model's outputs" in lines
 
 
@@ -115,7 +116,7 @@ def test_checkpoint_compact_export_report(tiny: Path, capsys: pytest.CaptureFixt
         net = autosparse.sparsify(tinymod.build(), POLICY, example_inputs=(x,))
     for gate in autosparse.gates(net).values():
         gate.zero_([0, 1, 2])
-    io.save_checkpoint(net, tiny / "ckpt", model_spec="tinymod:build")
+    io.save_checkpoint(net, tiny / "ckpt", model_spec="tinymod:build", step=5)
 
     code, out, _ = _main(capsys, "compact", str(tiny / "ckpt"), "--out", str(tiny / "small"))
     assert code == 0
@@ -126,6 +127,26 @@ def test_checkpoint_compact_export_report(tiny: Path, capsys: pytest.CaptureFixt
 
     code, out, _ = _main(capsys, "export", str(tiny / "small"), str(tiny / "small.pt2"))
     assert code == 0 and out.startswith(f"wrote {tiny / 'small.pt2'} (torch, ") and out.endswith(" 888 params)\n")
+    # The batch is dynamic by default; --static pins it; a checkpoint is compacted, then exported.
+    code, out, _ = _main(capsys, "export", str(tiny / "ckpt"), str(tiny / "static.pt2"), "--static")
+    assert code == 0 and out.endswith(" 888 params)\n")
+    x3 = torch.randn(3, 3, 16, 16)
+    with open(tiny / "small.pt2", "rb") as handle, torch.no_grad():
+        torch.testing.assert_close(torch.export.load(handle).module()(x3), small(x3), atol=1e-5, rtol=0)
+    with open(tiny / "static.pt2", "rb") as handle, pytest.raises(Exception, match="size"):
+        torch.export.load(handle).module()(x3)
+
+    code, out, _ = _main(capsys, "inspect", str(tiny / "small"))
+    assert code == 0
+    assert out.splitlines()[0] == f"{tiny / 'small'}: autosparse save of Sequential, 888 params; compacted by its plan (2 groups)"
+    assert "  0: 8 -> 5" in out.splitlines() and "  3: 16 -> 13" in out.splitlines()
+    code, out, _ = _main(capsys, "inspect", str(tiny / "ckpt"), "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert (data["kind"], data["step"], data["gates"]) == ("checkpoint", 5, {"0": 8, "3": 16})
+    assert [(g["name"], g["kept"]) for g in data["groups"]] == [("0", 5), ("3", 13)]
+    code, _, err = _main(capsys, "inspect", str(tiny / "small"), "--policy", POLICY)
+    assert code == 2 and "holds its own plan: inspect it without --policy" in err
 
     code, out, _ = _main(capsys, "report", str(tiny / "small"), "--json", "--no-latency")
     assert code == 0
@@ -136,6 +157,31 @@ def test_checkpoint_compact_export_report(tiny: Path, capsys: pytest.CaptureFixt
 
     code, _, err = _main(capsys, "compact", str(tiny / "ckpt"), "--out", str(tiny / "small"))
     assert code == 1 and "FileExistsError" in err and "overwrite" in err
+
+
+def test_version(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"autosparse {importlib.metadata.version('autosparse')}\n"
+
+
+def test_a_closed_pipe_is_not_an_error(tiny: Path) -> None:
+    """`autosparse report --json | head -1`: the reader left; exit 0, and nothing on stderr."""
+    import tinymod
+
+    small = autosparse.compact(autosparse.sparsify(tinymod.build(), POLICY, example_inputs=(torch.randn(2, 3, 16, 16),)))
+    io.save(small, tiny / "small", model_spec="tinymod:build", example_inputs=(torch.randn(2, 3, 16, 16),))
+    read, write = os.pipe()
+    os.close(read)  # every write to the pipe fails with EPIPE, deterministically
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tiny), str(ROOT)])}
+    try:
+        done = subprocess.run([sys.executable, "-m", "autosparse", "report", str(tiny / "small"), "--json",
+                               "--no-latency"], cwd=tiny, env=env, stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=120)
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (0, "")
 
 
 def test_demo_is_dispatched(monkeypatch: pytest.MonkeyPatch) -> None:

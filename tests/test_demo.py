@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import time
@@ -14,21 +15,70 @@ import torch
 from autosparse import demo
 from autosparse.demo.data import load, load_digits, load_mnist1d
 
+run_module = importlib.import_module("autosparse.demo.run")  # the package's `run` is the function
 
-def test_quick_demo_trains_compacts_and_lands_on_budget(capsys: pytest.CaptureFixture[str]) -> None:
+
+def test_quick_demo_trains_compacts_and_lands_on_budget(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     start = time.perf_counter()
-    assert demo.main(["--quick", "--no-progress", "--budget", "0.4"]) == 0
+    assert demo.main(["--quick", "--no-progress", "--budget", "0.4", "--out", str(tmp_path / "out")]) == 0
     seconds = time.perf_counter() - start
     out = capsys.readouterr().out
     assert "learned widths" in out and "latency" in out and "accuracy" in out
-    widths = re.findall(r"^(\S+ \(Conv2d\))\s+(\d+)\s+(\d+)\s+\d+%$", out, flags=re.M)
-    assert [int(before) for _, before, _ in widths] == [16, 32, 32]
-    assert all(1 <= int(after) <= int(before) for _, before, after in widths)
+    widths = re.findall(r"^(block\d\.conv) \(Conv2d, (\d+) ch\)\s+(\d+)\s+(\d+)\s+\d+%$", out, flags=re.M)
+    assert [name for name, *_ in widths] == ["block1.conv", "block2.conv", "block3.conv"]
+    assert [int(before) for _, label, before, _ in widths] == [16, 32, 32]
+    assert all(label == before and 1 <= int(after) <= int(before) for _, label, before, after in widths)
     landed = float(re.search(r"FLOPs landed at ([0-9.]+) of dense", out).group(1))
     assert 0.35 <= landed <= 0.40 + 1e-9 and "within tolerance" in out
-    before, after = re.search(r"^accuracy\s+([0-9.]+)%\s+([0-9.]+)%", out, flags=re.M).groups()
-    assert before == after and float(after) > 90.0  # compaction is exact; the model learned the task
+    dense, gated, compacted = re.search(
+        r"^accuracy  dense baseline ([0-9.]+)%  gated ([0-9.]+)%  compacted ([0-9.]+)%", out, flags=re.M).groups()
+    assert gated == compacted and float(compacted) > 90.0  # compaction is exact; the model learned the task
+    assert float(dense) > 95.0  # the same recipe without gates
     assert seconds < 30 * 3  # < 30 s on an idle 2-core CPU; generous for shared CI machines
+    # --out: the numbers as JSON and the plots, in a directory that appears only when complete.
+    written = tmp_path / "out"
+    assert sorted(p.name for p in written.iterdir()) == ["kept.json", "kept.png", "report.json", "widths.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporaries left beside it
+    report = json.loads((written / "report.json").read_text())
+    assert f"{report['accuracy_dense']:.2%}" == f"{dense}%" and report["widths"]["block1.conv"]["before"] == 16
+    kept = json.loads((written / "kept.json").read_text())
+    assert set(kept) == {"block1.conv", "block2.conv", "block3.conv"}
+    assert kept["block1.conv"][0] == [0, 1.0] and len(kept["block1.conv"]) >= 10  # every 10 of 8 x 22 steps
+    assert all((written / name).stat().st_size > 1000 for name in ("widths.png", "kept.png"))
+
+
+def test_demo_refuses_an_existing_out_dir_before_training(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "keep.txt").write_text("mine")
+    start = time.perf_counter()
+    with pytest.raises(SystemExit) as exit_:
+        demo.main(["--quick", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and time.perf_counter() - start < 5
+    assert "already exists; choose a new directory" in capsys.readouterr().err
+    assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+def test_failed_write_leaves_no_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*args: object) -> None:
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(run_module, "plot_widths", broken)
+    result = {"widths": {"block1.conv": {"before": 16, "after": 6}}, "accuracy_dense": 0.99}
+    dense = demo.wide_cnn(1, 10, (16, 32, 32), named=True)
+    with pytest.raises(RuntimeError, match="disk full"):
+        run_module.write_outputs(tmp_path / "out", result, dense, None)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_named_cnn_is_the_same_network() -> None:
+    torch.manual_seed(0)
+    plain = demo.wide_cnn(1, 10, (8, 16, 16))
+    torch.manual_seed(0)
+    named = demo.wide_cnn(1, 10, (8, 16, 16), named=True)
+    assert [t.shape for t in plain.state_dict().values()] == [t.shape for t in named.state_dict().values()]
+    assert list(named.state_dict())[:2] == ["block1.conv.weight", "block1.bn.weight"]
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.equal(plain.eval()(x), named.eval()(x))
+    assert run_module.group_label("block2.conv", 16, named) == "block2.conv (Conv2d, 16 ch)"
 
 
 @pytest.mark.parametrize(

@@ -2,19 +2,25 @@
 
 It builds a CNN far wider than scikit-learn's 8x8 digits need, gates every channel group, trains
 weights and gates together with Adam while the budget controller steers lambda towards the target
-FLOPs, freezes the structure for the last quarter of training, compacts, and prints the learned
-widths and a before/after table. Nothing is downloaded. About a minute on a 2-core CPU.
+FLOPs, freezes the structure for the last 40 % of training, compacts, and prints the learned
+widths, a before/after table and the accuracy of a dense baseline trained with the same recipe (in
+a second process, at the same time, so two cores take no longer). Nothing is downloaded.
 
-Run it with ``autosparse demo`` or ``python -m autosparse.demo [--budget 0.3] [--epochs 30]``.
+Run it with ``autosparse demo`` or ``python -m autosparse.demo [--budget 0.3] [--epochs 30] [--out DIR]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
+import json
 import math
+import multiprocessing
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +30,10 @@ import autosparse
 from autosparse import training
 from autosparse.compaction.record import record_of
 from autosparse.demo.data import Dataset, load_digits
+from autosparse.io.format import atomic_dir
 from autosparse.measure import Summary, compare, count_flops, count_params, measure_latency, model_size_bytes
+from autosparse.reporting.logger import GateLogger
+from autosparse.reporting.plots import plot_widths
 from autosparse.state import get_state, is_sparsified
 
 WIDTHS = (32, 64, 64)
@@ -36,25 +45,34 @@ def wide_cnn(
     widths: Sequence[int] = WIDTHS,
     dims: int = 2,
     pool_after: Sequence[int] = (1,),
+    named: bool = False,
 ) -> nn.Sequential:
     """Conv-BN-ReLU blocks of the given widths, max-pooling after the listed blocks, then a linear head.
 
     Args:
         dims: 2 for images (``Conv2d``), 1 for signals (``Conv1d``).
         pool_after: Indices of the blocks followed by a 2x max-pool.
+        named: name the modules (``block1.conv``, ``pool2``, ``head``) instead of numbering them
+            (``0.0``); the same network, with readable group names.
     """
     conv, norm, pool, gap = {
         2: (nn.Conv2d, nn.BatchNorm2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d),
         1: (nn.Conv1d, nn.BatchNorm1d, nn.MaxPool1d, nn.AdaptiveAvgPool1d),
     }[dims]
-    layers: list[nn.Module] = []
+    layers: list[tuple[str, nn.Module]] = []
     cin = in_channels
-    for i, width in enumerate(widths):
-        layers.append(nn.Sequential(conv(cin, width, 3, padding=1, bias=False), norm(width), nn.ReLU()))
-        if i in pool_after:
-            layers.append(pool(2))
+    for i, width in enumerate(widths, 1):
+        parts = [("conv", conv(cin, width, 3, padding=1, bias=False)), ("bn", norm(width)), ("relu", nn.ReLU())]
+        layers.append((f"block{i}", _sequential(parts, named)))
+        if i - 1 in pool_after:
+            layers.append((f"pool{i}", pool(2)))
         cin = width
-    return nn.Sequential(*layers, gap(1), nn.Flatten(), nn.Linear(cin, num_classes))
+    layers += [("gap", gap(1)), ("flatten", nn.Flatten()), ("head", nn.Linear(cin, num_classes))]
+    return _sequential(layers, named)
+
+
+def _sequential(parts: list[tuple[str, nn.Module]], named: bool) -> nn.Sequential:
+    return nn.Sequential(OrderedDict(parts)) if named else nn.Sequential(*(m for _, m in parts))
 
 
 def budget_policy(budget: float, steps: int, metric: str = "flops", min_keep: int = 2) -> dict:
@@ -84,6 +102,7 @@ def fit(
     restart_at_freeze: bool = True,
     progress: bool = False,
     desc: str = "training",
+    on_step: Callable[[int], object] | None = None,
 ) -> nn.Module:
     """Train a classifier with Adam and a cosine learning rate; gated models get the penalty too.
 
@@ -91,7 +110,8 @@ def fit(
     :func:`autosparse.training.step` after every optimizer step (the explicit way; see
     :func:`autosparse.training.attach` for the hook-based one). Its gates get ``gate_lr``, and with
     ``restart_at_freeze`` the cosine restarts at the policy's freeze step, so the fixed structure is
-    fine-tuned from the full learning rate, as prune-then-fine-tune methods do.
+    fine-tuned from the full learning rate, as prune-then-fine-tune methods do. ``on_step(step)``
+    runs after every optimizer step (e.g. :meth:`autosparse.GateLogger.step`).
 
     Returns:
         ``model``, trained in place and left in eval mode.
@@ -124,6 +144,8 @@ def fit(
             schedule.step()
             if gated:
                 training.step(model)
+            if on_step is not None:
+                on_step(schedule.last_epoch - 1)  # the scheduler counts the steps taken
             if bar is not None:
                 bar.update(1)
                 if gated and bar.n % 10 == 0:
@@ -172,21 +194,57 @@ def _summary(model: nn.Module, inputs: tuple) -> Summary:
 
 
 def widths_table(record_groups: dict[str, dict[str, int]], model: nn.Module | None = None) -> str:
-    """The learned width of each gated group as text: group (its first layer's class), before, after."""
+    """The learned width of each gated group as text: group (its first layer's class and width), before, after."""
     rows = [("group", "before", "after", "kept")]
     for name, counts in record_groups.items():
         before, after = counts["before"], counts["after"]
-        label = name
-        if model is not None:
-            try:
-                label = f"{name} ({type(model.get_submodule(name)).__name__})"
-            except AttributeError:
-                pass
-        rows.append((label, str(before), str(after), f"{after / before:.0%}"))
+        rows.append((group_label(name, before, model), str(before), str(after), f"{after / before:.0%}"))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join(
         "  ".join([r[0].ljust(widths[0])] + [r[i].rjust(widths[i]) for i in (1, 2, 3)]) for r in rows
     )
+
+
+def group_label(name: str, units: int, model: nn.Module | None = None) -> str:
+    """``block1.conv (Conv2d, 32 ch)``: the group, the class of the module of that name, its width."""
+    try:
+        module = model.get_submodule(name) if model is not None else None
+    except AttributeError:
+        module = None
+    if module is None:
+        return name
+    unit = "ch" if isinstance(module, nn.modules.conv._ConvNd) else "units"
+    return f"{name} ({type(module).__name__}, {units} {unit})"
+
+
+def _dense_accuracy(widths: Sequence[int], epochs: int, seed: int) -> float:
+    """The dense baseline: the same network, initialisation, batches and schedule, without gates."""
+    torch.set_num_threads(1)
+    data = load_digits()
+    torch.manual_seed(seed)
+    dense = fit(wide_cnn(data.in_channels, data.num_classes, widths, named=True), data, epochs=epochs, seed=seed)
+    return accuracy(dense, data.x_test, data.y_test)
+
+
+def _start_baseline(widths: Sequence[int], epochs: int, seed: int) -> concurrent.futures.Future | None:
+    """Train the dense baseline in a second process, beside the gated training (1 thread each)."""
+    try:
+        pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        future = pool.submit(_dense_accuracy, tuple(widths), epochs, seed)
+        pool.shutdown(wait=False)  # the worker finishes its one job, then exits
+        return future
+    except (OSError, RuntimeError):  # no second process here (a sandbox): train it afterwards
+        return None
+
+
+def _baseline_result(future: concurrent.futures.Future | None, widths: Sequence[int], epochs: int,
+                     seed: int) -> float:
+    if future is not None:
+        try:
+            return float(future.result())
+        except concurrent.futures.process.BrokenProcessPool:
+            pass
+    return _dense_accuracy(widths, epochs, seed)
 
 
 def run(
@@ -196,11 +254,18 @@ def run(
     widths: Sequence[int] = WIDTHS,
     progress: bool = True,
     out: Callable[[str], None] = print,
+    out_dir: str | Path | None = None,
+    baseline: bool = True,
 ) -> dict:
-    """Train, compact and report; returns the numbers it printed (for tests and scripts)."""
+    """Train, compact and report; returns the numbers it printed (for tests and scripts).
+
+    With ``out_dir`` it also writes ``report.json`` (these numbers), ``widths.png``, ``kept.png``
+    and ``kept.json`` (the kept fraction per group during training) into that new directory, all
+    at once at the end. ``baseline=False`` skips the dense baseline (``accuracy_dense`` is None).
+    """
     data = load_digits()
     torch.manual_seed(seed)
-    dense = wide_cnn(data.in_channels, data.num_classes, widths)
+    dense = wide_cnn(data.in_channels, data.num_classes, widths, named=True)
     example = (data.x_test[:64],)
     steps = epochs * math.ceil(len(data.x_train) / 64)
     out(
@@ -208,23 +273,27 @@ def run(
         f"{len(data.x_test)} test images), FLOPs budget {budget:.0%} of dense, {epochs} epochs"
     )
     net = autosparse.sparsify(dense, budget_policy(budget, steps), example_inputs=example)
+    logger = GateLogger(net, every=10) if out_dir is not None else None
+    future = _start_baseline(widths, epochs, seed) if baseline else None
     start, threads = time.perf_counter(), torch.get_num_threads()
     try:
         # Batches of 64 8x8 images are too small to split: a second thread costs more than it saves.
         torch.set_num_threads(1)
-        fit(net, data, epochs=epochs, seed=seed, progress=progress, desc="training with gates")
+        fit(net, data, epochs=epochs, seed=seed, progress=progress, desc="training with gates",
+            on_step=logger.step if logger is not None else None)
     finally:
         torch.set_num_threads(threads)
     seconds = time.perf_counter() - start
     small = autosparse.compact(net)
     acc_before, acc_after = accuracy(net, data.x_test, data.y_test), accuracy(small, data.x_test, data.y_test)
+    acc_dense = _baseline_result(future, widths, epochs, seed) if baseline else None
     before, after = _summary(dense, example), _summary(small, example)
     target = net._autosparse.policy.target
     landed = after.flops / before.flops
     out(f"trained in {seconds:.1f} s\n\nlearned widths:")
     out(widths_table(record_of(small).groups, dense))
     out("\n" + compare(before, after))
-    out(f"accuracy  {acc_before:.2%}  {acc_after:.2%}  ({(acc_after - acc_before) * 100:+.2f} pt)")
+    out(_accuracy_line(acc_dense, acc_before, acc_after))
     status = "within" if abs(landed - budget) <= target.tolerance else "OUTSIDE"
     out(
         f"\nFLOPs landed at {landed:.3f} of dense: target {budget:g} +- {target.tolerance:g}, {status} tolerance"
@@ -233,9 +302,10 @@ def run(
         "(before: the over-wide model as trained with gates; after: compacted, verified equal; "
         f"latency: batch of {len(example[0])}, 1 thread)"
     )
-    return {
+    result = {
         "budget": budget,
         "flops_fraction": landed,
+        "accuracy_dense": acc_dense,
         "accuracy_before": acc_before,
         "accuracy_after": acc_after,
         "before": before.to_dict(),
@@ -243,6 +313,38 @@ def run(
         "widths": record_of(small).groups,
         "train_seconds": seconds,
     }
+    if out_dir is not None:
+        out(f"wrote {write_outputs(out_dir, result, dense, logger)}")
+    return result
+
+
+def _accuracy_line(dense: float | None, gated: float, compacted: float) -> str:
+    if dense is None:
+        return f"accuracy  gated {gated:.2%}  compacted {compacted:.2%}  (no dense baseline)"
+    return (f"accuracy  dense baseline {dense:.2%}  gated {gated:.2%}  compacted {compacted:.2%}  "
+            f"({(compacted - dense) * 100:+.2f} pt vs dense)")
+
+
+def write_outputs(directory: str | Path, result: dict, dense: nn.Module, logger: GateLogger | None) -> Path:
+    """Write report.json, widths.png, and with a logger kept.json / kept.png, into a new ``directory``.
+
+    Everything goes to a temporary sibling renamed into place at the end: never a partial directory.
+    Without matplotlib the plots are left out (with a note); the JSON is always written.
+    """
+    widths = result["widths"]
+    labels = {name: group_label(name, w["before"], dense) for name, w in widths.items()}
+    with atomic_dir(directory, overwrite=False) as tmp:
+        (tmp / "report.json").write_text(json.dumps(result, indent=1))
+        if logger is not None:
+            logger.save(tmp / "kept.json")
+        try:
+            plot_widths({labels[n]: w["before"] for n, w in widths.items()},
+                        {labels[n]: w["after"] for n, w in widths.items()}, tmp / "widths.png")
+            if logger is not None:
+                logger.plot(tmp / "kept.png")
+        except ImportError as exc:
+            print(f"autosparse demo: no plots: {exc}", file=sys.stderr)
+    return Path(directory)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -252,14 +354,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--quick", action="store_true", help="a narrower model and 8 epochs (a smoke run)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="write report.json, widths.png, kept.png, kept.json into DIR (a new directory)")
+    parser.add_argument("--no-baseline", action="store_true", help="do not train the dense baseline")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
+    out = Path(args.out) if args.out is not None else None
+    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):  # before training, not after
+        parser.error(f"--out {args.out} already exists; choose a new directory (it is written at the end)")
     widths = (16, 32, 32) if args.quick else WIDTHS
     epochs = min(args.epochs, 8) if args.quick else args.epochs
     try:
-        run(args.budget, epochs, args.seed, widths, progress=not args.no_progress)
+        run(args.budget, epochs, args.seed, widths, progress=not args.no_progress, out_dir=args.out,
+            baseline=not args.no_baseline)
     except autosparse.PolicyError as exc:
         print(f"autosparse demo: {exc}", file=sys.stderr)
         return 2
