@@ -29,6 +29,7 @@ from autosparse.api import compact, gates, sparsify
 from autosparse.compaction.record import record_of
 from autosparse.errors import PlanMismatchError
 from autosparse.io.export import export
+from autosparse.policy import json_schema_text
 from autosparse.reporting.explain import Explanation, explain
 from autosparse.reporting.report import report
 
@@ -129,6 +130,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="also draw units per group before/after (needs matplotlib)")
     _input_options(p)
     p.set_defaults(run=_report)
+
+    p = sub.add_parser("policy", help="the policy format: print its JSON Schema (for editors and CI)")
+    p.add_argument("--schema", action="store_true", required=True,
+                   help="print the JSON Schema of policy files (configs/policy.schema.json is a copy)")
+    p.set_defaults(run=_policy)
 
     sub.add_parser("demo", help="train, sparsify and compact a small model end to end (demo --help)",
                    add_help=False)
@@ -311,6 +317,11 @@ def _inputs(args: argparse.Namespace, model: nn.Module, fallback: tuple | None) 
         return fallback
     raise UsageError("no example inputs: pass --input-shape (e.g. --input-shape 1,3,224,224), "
                      "or have MODEL return (model, example_inputs)")
+
+
+def _policy(args: argparse.Namespace) -> int:
+    print(json_schema_text(), end="")
+    return 0
 
 
 def _require_file(path: str, what: str) -> None:

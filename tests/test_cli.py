@@ -193,3 +193,9 @@ def test_demo_is_dispatched(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "autosparse.demo", fake)
     assert cli.main(["demo", "--steps", "3"]) == 0
     assert calls == [["--steps", "3"]]
+
+
+def test_policy_schema_command_prints_the_shipped_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["policy", "--schema"]) == 0
+    shipped = (Path(__file__).resolve().parents[1] / "configs" / "policy.schema.json").read_text()
+    assert json.loads(capsys.readouterr().out) == json.loads(shipped)
