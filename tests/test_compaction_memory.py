@@ -14,12 +14,12 @@ from torch.utils._pytree import tree_leaves
 
 import autosparse
 from autosparse.compaction.record import record_of
-from tests.zoo import get_case
+from tests.zoo import CHANNEL, get_case
 
 
 def _net() -> tuple[nn.Module, tuple]:
     model, inputs = get_case("resnet_bottleneck").build()
-    net = autosparse.sparsify(model, {"rules": [{"granularity": "channel"}]}, example_inputs=inputs)
+    net = autosparse.sparsify(model, CHANNEL, example_inputs=inputs)
     for gate in autosparse.gates(net).values():  # keep 5: no sliced shape can equal a full one
         gate.zero_(list(range(5, gate.size)))
     return net, inputs

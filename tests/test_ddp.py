@@ -4,12 +4,13 @@ global batch, compaction works on rank 0, and the saved result loads on every ra
 Each rank trains on half of the global batch; DDP averages gradients, and the penalty is the same
 on every rank, so the update equals the single-process one on the whole batch. The model has no
 BatchNorm (per-rank batch statistics would legitimately differ; see docs/reliability.md).
+Users of other pruning tools also find DDP-wrapped models rejected: gates, penalty, explain and
+compact must see through the wrapper (checked in one process, last section).
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import autosparse
-from autosparse.errors import AutosparseWarning
 from autosparse.io import load, save
+from autosparse.measure import count_params
+from tests.zoo import CHANNEL, get_case, rel_diff, run_no_grad, sparsify_quietly
 
 WORLD, STEPS, GLOBAL_BATCH = 2, 4, 8
 POLICY = {"rules": [{"granularity": "channel"}], "penalty": {"lambda": 0.05}}
@@ -42,9 +44,7 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
 
 def gated() -> nn.Module:
     x, _ = data()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AutosparseWarning)
-        net = autosparse.sparsify(build(), POLICY, example_inputs=(x[:2],))
+    net = sparsify_quietly(build(), POLICY, (x[:2],))
     for i, gate in enumerate(autosparse.gates(net).values()):  # a non-uniform start, so gates move apart
         with torch.no_grad():
             gate.gamma.copy_(torch.linspace(-1, 1, gate.size) * (i + 1))
@@ -128,9 +128,7 @@ def _bn_net() -> nn.Module:
 def test_sync_batchnorm_converted_after_sparsify_compacts() -> None:
     """The documented order: sparsify, then convert_sync_batchnorm, then wrap in DDP."""
     x, _ = data()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AutosparseWarning)
-        net = autosparse.sparsify(_bn_net(), {"rules": [{"granularity": "channel"}]}, example_inputs=(x,))
+    net = sparsify_quietly(_bn_net(), CHANNEL, (x,))
     net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
     for gate in autosparse.gates(net).values():
         gate.zero_([0, 1])
@@ -143,3 +141,41 @@ def test_sync_batchnorm_converted_before_sparsify_is_understood() -> None:
     model = nn.SyncBatchNorm.convert_sync_batchnorm(_bn_net())
     report = autosparse.explain(model, example_inputs=(x,))
     assert not report.unknown_ops, report.unknown_ops
+
+
+# ----------------------------------------------------------------------------- the DDP wrapper, one process
+@pytest.fixture()
+def single_process_group(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/rendezvous", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _ddp_gated() -> tuple[nn.Module, nn.Module, tuple]:
+    model, inputs = get_case("plain").build()
+    net = autosparse.sparsify(model, CHANNEL, example_inputs=inputs)
+    return net, DistributedDataParallel(net), inputs
+
+
+def test_ddp_wrapper_gives_the_same_gates_and_penalty(single_process_group):
+    # DDP wrappers (OTO #44)
+    net, ddp, inputs = _ddp_gated()
+    assert autosparse.gates(ddp) == autosparse.gates(net) and len(autosparse.gates(net)) == 3
+    assert autosparse.penalty(ddp).item() == autosparse.penalty(net).item() > 0
+
+
+def test_explain_accepts_the_ddp_wrapper(single_process_group):
+    # DDP wrappers (OTO #44)
+    net, ddp, _ = _ddp_gated()
+    assert [g.name for g in autosparse.explain(ddp).groups] == [g.name for g in autosparse.explain(net).groups]
+
+
+def test_compact_accepts_the_ddp_wrapper(single_process_group):
+    # DDP wrappers (OTO #44)
+    net, ddp, inputs = _ddp_gated()
+    for gate in autosparse.gates(ddp).values():
+        gate.zero_([0, 1])
+    small = autosparse.compact(ddp)
+    assert count_params(small) < count_params(net)
+    assert rel_diff(run_no_grad(net, *inputs), run_no_grad(small, *inputs)) <= 1e-5

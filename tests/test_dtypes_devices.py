@@ -10,16 +10,14 @@
 from __future__ import annotations
 
 import copy
-import warnings
 
 import pytest
 import torch
 from torch import nn
 
 import autosparse
-from autosparse.errors import AutosparseWarning
+from tests.zoo import CHANNEL, run_no_grad, sparsify_quietly
 
-POLICY = {"rules": [{"granularity": "channel"}]}
 HALF = [pytest.param(torch.float16, id="fp16"), pytest.param(torch.bfloat16, id="bf16")]
 
 
@@ -45,19 +43,12 @@ def _x(dtype: torch.dtype = torch.float32, device: str = "cpu") -> torch.Tensor:
 
 
 def _sparsify(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AutosparseWarning)
-        return autosparse.sparsify(model, POLICY, example_inputs=(x,))
+    return sparsify_quietly(model, CHANNEL, (x,))
 
 
 def _zero(net: nn.Module, units: list[int]) -> None:
     for gate in autosparse.gates(net).values():
         gate.zero_(units)
-
-
-def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(x)
 
 
 def _own(net: nn.Module) -> dict[str, torch.Tensor]:
@@ -79,11 +70,11 @@ def test_half_precision_model_keeps_its_dtype(dtype: torch.dtype) -> None:
     for gate in autosparse.gates(net).values():
         assert gate.gamma.dtype == torch.float32 and gate.values().dtype == torch.float32
     _zero(net, [0, 3, 5])
-    gated = _run(net, x)
+    gated = run_no_grad(net, x)
     small = autosparse.compact(net)
     assert {p.dtype for p in small.parameters()} == {dtype}
     assert small.bn.running_mean.dtype == dtype and small.bn.running_mean.shape == (5,)
-    out = _run(small, x)
+    out = run_no_grad(small, x)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), gated.float(), atol=2e-2 * float(gated.abs().max()), rtol=0)
 
@@ -158,10 +149,10 @@ def test_cuda_sparsify_train_compact() -> None:
         opt.step()
     _zero(net, [0, 3])
     net.eval()
-    gated = _run(net, x)
+    gated = run_no_grad(net, x)
     small = autosparse.compact(net)
     assert {p.device.type for p in small.parameters()} == {"cuda"}
-    torch.testing.assert_close(_run(small, x), gated, atol=1e-5 * float(gated.abs().max()), rtol=0)
+    torch.testing.assert_close(run_no_grad(small, x), gated, atol=1e-5 * float(gated.abs().max()), rtol=0)
 
 
 @pytest.mark.gpu
@@ -177,7 +168,7 @@ def test_cuda_half_precision() -> None:
 # ----------------------------------------------------------------------------- independence
 def test_two_sparsified_copies_share_no_gate_state() -> None:
     model, x = Net().eval(), _x()
-    ref = _run(model, x)
+    ref = run_no_grad(model, x)
     net1, net2 = _sparsify(model, x), _sparsify(model, x)
     g1, g2 = autosparse.gates(net1), autosparse.gates(net2)
     assert g1.keys() == g2.keys()
@@ -187,11 +178,11 @@ def test_two_sparsified_copies_share_no_gate_state() -> None:
     _zero(net1, [0, 1, 2])
     with torch.no_grad():
         next(iter(g1.values())).gamma.add_(1.0)
-    torch.testing.assert_close(_run(net2, x), ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(run_no_grad(net2, x), ref, atol=1e-6, rtol=0)
     assert all(g.kept() == g.size for g in g2.values())
     small1 = autosparse.compact(net1, inplace=True)  # folding net1's sites must not touch net2's
     assert small1 is net1
-    torch.testing.assert_close(_run(net2, x), ref, atol=1e-6, rtol=0)
+    torch.testing.assert_close(run_no_grad(net2, x), ref, atol=1e-6, rtol=0)
     _zero(net2, [4])
     autosparse.compact(net2)
 
@@ -199,11 +190,11 @@ def test_two_sparsified_copies_share_no_gate_state() -> None:
 def test_deep_copy_of_a_gated_model_is_independent() -> None:
     x = _x()
     net = _sparsify(Net().eval(), x)
-    ref = _run(net, x)
+    ref = run_no_grad(net, x)
     twin = copy.deepcopy(net)
     _zero(twin, [0, 1, 2, 3])
-    assert not torch.allclose(_run(twin, x), ref), "the copy's own gates must drive the copy's forward"
-    torch.testing.assert_close(_run(net, x), ref, atol=0, rtol=0)
+    assert not torch.allclose(run_no_grad(twin, x), ref), "the copy's own gates must drive the copy's forward"
+    torch.testing.assert_close(run_no_grad(net, x), ref, atol=0, rtol=0)
     assert all(g.kept() == g.size for g in autosparse.gates(net).values())
     small = autosparse.compact(twin)
     assert small.stem.out_channels == 4 and small.body.out_channels == 4

@@ -20,6 +20,7 @@ import autosparse
 from autosparse.errors import AutosparseWarning, NoGatesError
 from tests.fuzz import opaque
 from tests.test_fuzz import RTOL, assert_unchanged, outputs, rel_diff, snapshot
+from tests.zoo import CHANNEL, LAYER_AND_CHANNEL, sparsify_quietly
 
 
 # ----------------------------------------------------------------------------- unknown ops are walls
@@ -43,9 +44,7 @@ class OpaqueSandwich(nn.Module):
 
 def test_unknown_custom_op_is_never_compacted_through() -> None:
     model, x = OpaqueSandwich(), torch.randn(2, 3, 4, 4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AutosparseWarning)
-        net = autosparse.sparsify(model, {"rules": [{"granularity": "channel"}]}, example_inputs=(x,))
+    net = sparsify_quietly(model, CHANNEL, (x,))
     report = autosparse.explain(net)
     assert any("opaque" in op for op in report.unknown_ops), report.unknown_ops
     assert "ops without a rule" in str(report) and "opaque" in str(report)
@@ -262,10 +261,7 @@ class TwoStages(nn.Module):
 
 
 def _layer_gated(model: nn.Module) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AutosparseWarning)
-        return autosparse.sparsify(model, {"rules": [{"granularity": "layer"}, {"granularity": "channel"}]},
-                                   example_inputs=(torch.randn(2, 4),))
+    return sparsify_quietly(model, LAYER_AND_CHANNEL, (torch.randn(2, 4),))
 
 
 def test_regression_modulelist_branches_are_one_unit_each() -> None:
@@ -315,10 +311,7 @@ class StemAndResiduals(nn.Module):
 
 def test_regression_layer_gate_acts_only_on_its_branch() -> None:
     model, x = StemAndResiduals().eval(), torch.randn(2, 4)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AutosparseWarning)
-        net = autosparse.sparsify(model, {"rules": [{"granularity": "channel"}, {"granularity": "layer"}]},
-                                  example_inputs=(x,))
+    net = sparsify_quietly(model, {"rules": [{"granularity": "channel"}, {"granularity": "layer"}]}, (x,))
     layer = next(g for g in autosparse.gates(net).values() if g.granularity == "layer")
     layer.zero_([1])  # r2's branch off: the model must compute head(r1(proj(relu(stem(x)))))
     with torch.no_grad():

@@ -13,8 +13,7 @@ from torch import nn
 import autosparse
 from autosparse.gating.gate import GateSite, _GateInput, remove_input_gating
 from autosparse.state import get_state
-
-POLICY = {"rules": [{"granularity": "channel"}]}
+from tests.zoo import CHANNEL
 
 
 def _conv(n: int, cin: int, cout: int, **kw) -> nn.Module:
@@ -41,7 +40,7 @@ def _gated(case: str, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     factory, shape = CASES[case]
     torch.manual_seed(seed)
     x = torch.randn(*shape)
-    net = autosparse.sparsify(factory(), POLICY, example_inputs=(x,))
+    net = autosparse.sparsify(factory(), CHANNEL, example_inputs=(x,))
     with torch.no_grad():  # uneven gates with exact zeros: the interesting case for both paths
         for gate in autosparse.gates(net).values():
             gate.gamma.normal_(0.0, 0.5)

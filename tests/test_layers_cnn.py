@@ -7,7 +7,6 @@ with a downsample (projection) shortcut is never offered, since its branch chang
 from __future__ import annotations
 
 import functools
-import warnings
 
 import numpy as np
 import pytest
@@ -17,14 +16,19 @@ from torch import nn
 
 import autosparse
 from autosparse.compaction.record import record_of
-from autosparse.errors import AutosparseWarning
 from autosparse.measure import count_params
 from autosparse.modules.blocks import ZeroBranch
 from tests import zoo
-from tests.zoo import rel_diff
+from tests.zoo import (
+    LAYER,
+    LAYER_AND_CHANNEL,
+    layer_gate,
+    rel_diff,
+    run_no_grad,
+    sparsify_quietly,
+    zero_random,
+)
 
-LAYER = {"rules": [{"granularity": "layer"}]}
-LAYER_AND_CHANNEL = {"rules": [{"granularity": "layer"}, {"granularity": "channel"}]}
 _STAGES = "resnet.encoder.stages"
 
 
@@ -126,23 +130,6 @@ CASES = {
 
 
 
-def run_no_grad(model: nn.Module, x: torch.Tensor):
-    with torch.no_grad():
-        return model(x)
-
-
-def sparsify_quietly(model: nn.Module, policy: dict, inputs: tuple) -> nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AutosparseWarning)  # rules that match nothing in a mixed policy
-        return autosparse.sparsify(model, policy, example_inputs=inputs)
-
-
-def layer_gate(net: nn.Module) -> autosparse.Gate:
-    (gate,) = [g for g in autosparse.gates(net).values() if g.granularity == "layer"]
-    return gate
-
-
-
 @pytest.mark.parametrize("name", CASES)
 def test_identity_shortcut_blocks_are_offered_and_removed_exactly(name):
     build, expected = CASES[name]
@@ -175,8 +162,7 @@ def test_layer_and_channel_gates_compact_exactly(name):
     for _ in range(3):
         net = sparsify_quietly(model, LAYER_AND_CHANNEL, inputs)
         assert list(layer_gate(net).modules_controlled) == expected
-        for gate in autosparse.gates(net).values():
-            gate.zero_(rng.permutation(gate.size)[: int(rng.integers(1, gate.size))].tolist())
+        zero_random(net, rng)
         gated = run_no_grad(net, inputs[0])
         small = autosparse.compact(net)  # verify=True: raises if not equivalent
         assert rel_diff(gated, run_no_grad(small, inputs[0])) <= 1e-5

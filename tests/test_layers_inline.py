@@ -17,8 +17,15 @@ from autosparse.compaction.record import record_of
 from autosparse.measure import count_params
 from autosparse.modules.blocks import IdentityBlock
 from tests import zoo
-from tests.test_layers_cnn import LAYER, LAYER_AND_CHANNEL, layer_gate, run_no_grad, sparsify_quietly
-from tests.zoo import rel_diff
+from tests.zoo import (
+    LAYER,
+    LAYER_AND_CHANNEL,
+    layer_gate,
+    rel_diff,
+    run_no_grad,
+    sparsify_quietly,
+    zero_random,
+)
 
 
 class Block(nn.Module):
@@ -124,8 +131,7 @@ def test_layer_and_channel_gates_compact_exactly(name):
     for _ in range(3):
         net = sparsify_quietly(model, LAYER_AND_CHANNEL, inputs)
         assert list(layer_gate(net).modules_controlled) == expected
-        for gate in autosparse.gates(net).values():
-            gate.zero_(rng.permutation(gate.size)[: int(rng.integers(1, gate.size))].tolist())
+        zero_random(net, rng)
         gated = run_no_grad(net, inputs[0])
         small = autosparse.compact(net)  # verify=True: raises if not equivalent
         assert rel_diff(gated, run_no_grad(small, inputs[0])) <= 1e-5

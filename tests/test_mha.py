@@ -14,15 +14,12 @@ from torch import nn
 import autosparse
 from autosparse import io
 from autosparse.modules.mha import PrunedMultiheadAttention
-from tests.zoo import get_case, rel_diff
-
-HEADS = {"rules": [{"granularity": "head"}, {"granularity": "channel"}]}
-
+from tests.zoo import HEAD_CHANNEL, get_case, rel_diff
 
 
 def _compact_encoder() -> tuple[nn.Module, nn.Module, tuple]:
     model, inputs = get_case("torch_encoder").build()
-    net = autosparse.sparsify(model, HEADS, example_inputs=inputs)
+    net = autosparse.sparsify(model, HEAD_CHANNEL, example_inputs=inputs)
     for gate in autosparse.gates(net).values():
         gate.zero_([0, 2])
     return net, autosparse.compact(net), inputs
@@ -109,7 +106,7 @@ def test_cross_attention_keeps_shared_projection_columns_whole():
 
     torch.manual_seed(0)
     model, inputs = Cross().eval(), (torch.randn(5, 2, 16), torch.randn(7, 2, 32))
-    net = autosparse.sparsify(model, HEADS, example_inputs=inputs)
+    net = autosparse.sparsify(model, HEAD_CHANNEL, example_inputs=inputs)
     gates = autosparse.gates(net)
     assert set(gates) == {"attn"}  # the query's channels share in_proj columns with the memory's
     gates["attn"].zero_([1, 3])
@@ -122,7 +119,7 @@ def test_cross_attention_keeps_shared_projection_columns_whole():
 def test_unbatched_inputs_and_the_callers_model_class_are_preserved():
     model, _ = get_case("mha_block").build()
     x = torch.randn(6, 32)  # unbatched (seq, dim): fx cannot branch on rank, torch.export can
-    net = autosparse.sparsify(model, HEADS, example_inputs=(x,))
+    net = autosparse.sparsify(model, HEAD_CHANNEL, example_inputs=(x,))
     assert all(type(m) is nn.MultiheadAttention for m in model.modules() if isinstance(m, nn.MultiheadAttention))
     # export keeps the discarded head average unless dead code is dropped: heads must still be found
     assert sorted(g.granularity for g in autosparse.gates(net).values()) == ["channel", "channel", "head", "head"]

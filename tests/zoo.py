@@ -5,18 +5,25 @@ deterministic: its build seeds the RNG itself. Builds return the model in eval m
 training-mode passes on random data, with random BatchNorm affines, so BatchNorm folding is exercised
 with non-trivial statistics. Hugging Face models come from tiny configs with random weights; nothing is
 downloaded and ``transformers`` is imported only when such a case is built.
+The end of the file holds the small helpers the test files share (policies, no-grad runs, random
+zero patterns).
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+import autosparse
+from autosparse.errors import AutosparseWarning
 
 FAMILIES = frozenset({"cnn", "hf-cnn", "transformer", "hf-transformer"})
 # The architectural features a case exercises; tests select cases by these.
@@ -658,3 +665,44 @@ def get_case(name: str) -> ZooCase:
         return _BY_NAME[name]
     except KeyError:
         raise KeyError(f"no zoo case {name!r}; known cases: {sorted(_BY_NAME)}") from None
+
+
+# ---------------------------------------------------------------- helpers shared by the test files
+CHANNEL = {"rules": [{"granularity": "channel"}]}
+HEAD = {"rules": [{"granularity": "head"}]}
+HEAD_CHANNEL = {"rules": [{"granularity": "head"}, {"granularity": "channel"}]}
+LAYER = {"rules": [{"granularity": "layer"}]}
+LAYER_AND_CHANNEL = {"rules": [{"granularity": "layer"}, {"granularity": "channel"}]}
+
+
+def images(channels: int = 3, size: int = 16) -> Callable[[], torch.Tensor]:
+    """An example-input factory for :func:`_build`: a batch of two random ``size x size`` images."""
+    return lambda: torch.randn(2, channels, size, size)
+
+
+def run_no_grad(model: nn.Module, *inputs, **kwargs):
+    """``model(*inputs, **kwargs)`` without autograd."""
+    with torch.no_grad():
+        return model(*inputs, **kwargs)
+
+
+def sparsify_quietly(model: nn.Module, policy, inputs: tuple) -> nn.Module:
+    """``autosparse.sparsify`` with AutosparseWarning silenced (e.g. rules that match nothing in a mixed policy)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", AutosparseWarning)
+        return autosparse.sparsify(model, policy, example_inputs=inputs)
+
+
+def zero_random(net: nn.Module, seed: int | np.random.Generator) -> None:
+    """Zero a random number (at least one, never all) of random units in every gate.
+
+    ``seed`` may be a numpy Generator, to draw successive patterns from one stream."""
+    rng = np.random.default_rng(seed)
+    for gate in autosparse.gates(net).values():
+        gate.zero_(rng.permutation(gate.size)[: int(rng.integers(1, gate.size))].tolist())
+
+
+def layer_gate(net: nn.Module) -> autosparse.Gate:
+    """The one layer gate of ``net``."""
+    (gate,) = [g for g in autosparse.gates(net).values() if g.granularity == "layer"]
+    return gate

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from autosparse.errors import AutosparseWarning, PolicyError
 from autosparse.measure import count_flops, count_params
 from autosparse.policy import Schedule
 from autosparse.training.budget import Controller, build_cost_model, enforce
-from tests.zoo import get_case
+from tests.zoo import CHANNEL, get_case, sparsify_quietly
 
 torch.set_num_threads(2)
 
@@ -27,10 +26,8 @@ torch.set_num_threads(2)
 def _net(policy: dict | None = None, widths=(8, 16, 16)) -> tuple[nn.Module, tuple]:
     torch.manual_seed(0)
     x = (torch.randn(4, 1, 8, 8),)
-    policy = policy or {"rules": [{"granularity": "channel"}]}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AutosparseWarning)
-        return autosparse.sparsify(wide_cnn(1, 10, widths), policy, example_inputs=x), x
+    policy = policy or CHANNEL
+    return sparsify_quietly(wide_cnn(1, 10, widths), policy, x), x
 
 
 def _spread(net: nn.Module, seed: int = 1) -> None:
@@ -195,9 +192,7 @@ def test_freeze_stops_the_gates_but_not_the_weights() -> None:
 @pytest.mark.parametrize("case", ["resnet_basic", "mobilenetv2", "densenet"])
 def test_cost_model_predicts_the_compacted_model_exactly(case: str) -> None:
     model, inputs = get_case(case).build()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", AutosparseWarning)
-        net = autosparse.sparsify(model, "configs/channels.yaml", example_inputs=inputs)
+    net = sparsify_quietly(model, "configs/channels.yaml", inputs)
     state = net._autosparse
     flops, params = build_cost_model(net, state, "flops"), build_cost_model(net, state, "params")
     assert flops.dense == count_flops(model, inputs) and params.dense == count_params(model)

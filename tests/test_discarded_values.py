@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import autosparse
+from tests.zoo import CHANNEL
 
 
 class DiscardsAStatistic(nn.Module):
@@ -35,7 +36,7 @@ class MutatesWithAStatistic(DiscardsAStatistic):
 def test_a_discarded_reduction_leaves_the_channels_prunable():
     torch.manual_seed(0)
     model, x = DiscardsAStatistic().eval(), torch.randn(2, 3, 8, 8)
-    net = autosparse.sparsify(model, {"rules": [{"granularity": "channel"}]}, example_inputs=(x,))
+    net = autosparse.sparsify(model, CHANNEL, example_inputs=(x,))
     assert set(autosparse.gates(net)) == {"a"}
     autosparse.gates(net)["a"].zero_([0, 3, 5])
     small = autosparse.compact(net)  # the dead mean still runs, on 5 channels
