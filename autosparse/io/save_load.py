@@ -5,15 +5,19 @@ A *save* (:func:`save` / :func:`load`) is a directory::
     plan.json           format, versions, the Record, the base architecture (names, shapes, hash),
                         module attributes after compaction, weight file hash, Hugging Face config info
     model.safetensors   the compacted weights (tied tensors stored once)
-    config.json         Hugging Face models only: the config (edited where it can express the result)
+    config.json         Hugging Face models only: the compacted model's config where it describes the
+                        model exactly, otherwise a config plain transformers refuses (see hf_dir)
     inputs.safetensors  optional example inputs (the CLI's export and report use them)
 
-What lives where: this module builds and checks the plan (including the Hugging Face config);
-:mod:`autosparse.checkpoints` saves and resumes still-gated models (:func:`save_checkpoint`,
-:func:`load_checkpoint`, :func:`load_gated_state`); :mod:`autosparse._savedir` holds the file names,
-the atomic directory writes and the safetensors / JSON readers both formats share (and
-:func:`load_inputs`). The public names of those two modules are re-exported here, so
-``autosparse.io.save_checkpoint`` and friends keep working.
+What lives where: this module builds and checks the plan; :mod:`autosparse.io.hf_dir` writes the
+Hugging Face config and rebuilds a base model from it; :mod:`autosparse.io.checkpoints` saves and
+resumes still-gated models; :mod:`autosparse.io.format` holds the file names, the atomic directory
+writes and the safetensors / JSON readers both formats share.
+
+Importing this module registers :func:`_save_pretrained` with
+:func:`autosparse.compaction.hf_config.register_directory_writer`: a compacted Hugging Face model whose
+config cannot describe it saves through it, so its ``save_pretrained`` writes a directory that
+:func:`load` reads and plain transformers refuses.
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
+from autosparse.compaction.hf_config import register_directory_writer, sync_config
 from autosparse.compaction.record import Record, attach_record, record_of
 from autosparse.compaction.replay import (
     architecture,
@@ -41,7 +45,6 @@ from autosparse.compaction.replay import (
 )
 from autosparse.errors import NotSparsifiedError, PlanMismatchError
 from autosparse.io.format import (
-    CONFIG,
     FORMAT_VERSION,
     INPUTS,
     PLAN,
@@ -55,10 +58,9 @@ from autosparse.io.format import (
     write_inputs,
     write_tensors,
 )
+from autosparse.io.hf_dir import hf_base_model, write_hf_config
 from autosparse.modules.blocks import ZeroBranch
 from autosparse.state import is_sparsified
-
-_HF_WIDTH_KEYS = ("intermediate_size", "n_inner", "d_ff")  # config keys that can express a pruned MLP
 
 
 # ------------------------------------------------------------------------------------------ save
@@ -85,6 +87,13 @@ def save(model: nn.Module, directory: str | os.PathLike[str], *, model_spec: str
         >>> autosparse.save(small, "out/small")
         >>> again = autosparse.load("out/small", build_model())
     """
+    record = _compacted_record(model)
+    with atomic_dir(directory, overwrite) as tmp:
+        _write(model, record, tmp, model_spec, example_inputs)
+    return Path(directory)
+
+
+def _compacted_record(model: nn.Module) -> Record:
     record = record_of(model)
     if is_sparsified(model) or record is None:
         raise NotSparsifiedError(
@@ -92,6 +101,11 @@ def save(model: nn.Module, directory: str | os.PathLike[str], *, model_spec: str
             + ("still has gates: call autosparse.compact(model) first, or use save_checkpoint() to resume "
                "training later" if is_sparsified(model) else "has no compaction record")
         )
+    return record
+
+
+def _write(model: nn.Module, record: Record, root: Path, model_spec: str | None, example_inputs: tuple | None) -> None:
+    """Write the save's files into the existing directory ``root``."""
     base_shapes = getattr(record, "base_shapes", None)
     layers = _layer_record(model, record)
     plan: dict[str, Any] = {
@@ -102,12 +116,22 @@ def save(model: nn.Module, directory: str | os.PathLike[str], *, model_spec: str
         "record": {"kept": record.kept, "groups": record.groups, **layers},
         "attributes": _attributes(model, record.kept, layers),
     }
-    with atomic_dir(directory, overwrite) as tmp:
-        plan["weights"] = write_tensors(model.state_dict(), tmp / WEIGHTS)
-        plan["inputs"] = write_inputs(example_inputs, tmp / INPUTS)
-        plan["hf"] = _save_hf_config(model, record, tmp)
-        (tmp / PLAN).write_text(json.dumps(plan, indent=1))
-    return Path(directory)
+    plan["weights"] = write_tensors(model.state_dict(), root / WEIGHTS)
+    plan["inputs"] = write_inputs(example_inputs, root / INPUTS)
+    plan["hf"] = write_hf_config(model, record, root)
+    (root / PLAN).write_text(json.dumps(plan, indent=1))
+
+
+def _save_pretrained(model: nn.Module, directory: Path) -> None:
+    """``save_pretrained`` of a compacted model its config cannot describe: an autosparse save in place
+    (other files there, a tokenizer's, are kept), loadable by :func:`load` and refused by transformers."""
+    _write(model, _compacted_record(model), directory, None, None)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and hasattr(generation, "save_pretrained"):
+        generation.save_pretrained(directory)
+
+
+register_directory_writer(_save_pretrained)
 
 
 def _layer_record(model: nn.Module, record: Any) -> dict[str, Any]:
@@ -135,66 +159,6 @@ def _plain_attrs(module: nn.Module) -> dict[str, Any]:
                 isinstance(value, tuple) and all(isinstance(v, (int, float)) for v in value)):
             out[key] = list(value) if isinstance(value, tuple) else value
     return out
-
-
-def _save_hf_config(model: nn.Module, record: Any, tmp: Path) -> dict[str, Any] | None:
-    """Write config.json; edit it where one key (e.g. intermediate_size) expresses the compaction."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_json_file"):
-        return None
-    base_shapes = getattr(record, "base_shapes", None)
-    changes = _expressible_changes(model, base_shapes or {})
-    out = copy.deepcopy(config)
-    for key, value in (changes or {}).items():
-        setattr(out, key, value)
-    out.architectures = [type(model).__name__]
-    out.to_json_file(str(tmp / CONFIG))
-    return {"class": type(model).__name__, "base_config": _base_config(model, record, base_shapes),
-            "attn_implementation": getattr(config, "_attn_implementation", None),
-            "compatible": changes is not None,
-            "config_changes": {**(getattr(record, "config_changes", None) or {}), **(changes or {})}}
-
-
-def _on_meta(cls: type, config: Any) -> nn.Module | None:
-    try:
-        with torch.device("meta"):  # shapes only: no memory, no initialisation
-            return cls(config)
-    except Exception:  # a config the class rejects simply does not describe the model
-        return None
-
-
-def _expressible_changes(model: nn.Module, base_shapes: Mapping) -> dict[str, int] | None:
-    """Config edits (none, or one MLP width) under which ``type(model)(config)`` has the compacted shapes."""
-    target = architecture(model)
-    new_sizes = {n for name, shape in target.items() if name in base_shapes
-                 for n, b in zip(shape, base_shapes[name]) if n != b}
-    # One edited key can only explain one new width: with several, only the config as it is can fit.
-    widths = new_sizes if len(new_sizes) == 1 else set()
-    candidates = [{}] + [{key: size} for key in _HF_WIDTH_KEYS if hasattr(model.config, key) for size in widths]
-    for changes in candidates:
-        config = copy.deepcopy(model.config)
-        for key, value in changes.items():
-            setattr(config, key, value)
-        fresh = _on_meta(type(model), config)
-        if fresh is not None and architecture(fresh) == target:
-            return changes
-    return None
-
-
-def _base_config(model: nn.Module, record: Any, base_shapes: Mapping | None) -> dict | None:
-    """The config of the base model, verified to rebuild ``base_shapes``; None when it cannot be told.
-
-    ``compact`` snapshots it before it rewrites widths and layer counts into the model's config.
-    """
-    saved = getattr(record, "base_config", None)
-    if saved is None:  # a record from before the snapshot existed: only an untouched config will do
-        if getattr(record, "config_changes", None) or getattr(record, "dropped_layers", None):
-            return None
-        saved = model.config.to_dict()
-    if base_shapes is None:
-        return saved
-    fresh = _on_meta(type(model), type(model.config).from_dict(copy.deepcopy(saved)))
-    return saved if fresh is not None and architecture(fresh) == dict(base_shapes) else None
 
 
 # ------------------------------------------------------------------------------------------ load
@@ -226,7 +190,7 @@ def load(directory: str | os.PathLike[str], base_model: nn.Module | None = None,
     root = Path(directory)
     plan = read_json(root, PLAN, SAVE_FORMAT)
     weights = check_file(root, plan.get("weights"))
-    base = base_model if base_model is not None else _hf_base(plan, root)
+    base = base_model if base_model is not None else hf_base_model(plan, root)
     if is_sparsified(base) or record_of(base) is not None:
         raise PlanMismatchError("load() needs a fresh base model; the one given is already gated or compacted")
     record_data = _saved_record(root, plan)
@@ -241,8 +205,10 @@ def load(directory: str | os.PathLike[str], base_model: nn.Module | None = None,
     replay(target, kept)
     replay_layers(target, replaced, dropped)
     _load_tensors(target, weights, plan["weights"]["aliases"])
+    # the rebuilt base carries the base config: make it describe the replayed model (or mark it)
+    config_changes = sync_config(target)
     _check_attributes(target, plan)
-    _attach_record(target, record_data, base_shapes)
+    _attach_record(target, record_data, base_shapes, plan.get("hf") or {}).config_changes = config_changes
     return target.eval()
 
 
@@ -253,26 +219,15 @@ def _saved_record(root: Path, plan: Mapping[str, Any]) -> dict[str, Any]:
     return record_data
 
 
-def _attach_record(model: nn.Module, record_data: Mapping[str, Any], base_shapes: Mapping[str, Any]) -> None:
+def _attach_record(model: nn.Module, record_data: Mapping[str, Any], base_shapes: Mapping[str, Any],
+                   hf: Mapping[str, Any]) -> Record:
     """Give the loaded model the Record that compact() would have, so it can be saved or explained again."""
     record = Record(kept=record_data["kept"], groups=record_data.get("groups", {}),
                     replaced=list(record_data.get("replaced", {})), dropped_layers=record_data.get("dropped_layers", []))
     record.base_shapes = base_shapes
+    record.base_config = hf.get("base_config")
     attach_record(model, record)
-
-
-def _hf_base(plan: Mapping[str, Any], root: Path) -> nn.Module:
-    hf = plan.get("hf")
-    if not hf or not hf.get("base_config"):
-        raise PlanMismatchError(
-            f"{root} holds a {plan.get('model_class')}: pass base_model=, a freshly built instance of it")
-    import transformers
-
-    cls = getattr(transformers, hf["class"])
-    config = cls.config_class.from_dict(hf["base_config"])
-    if hf.get("attn_implementation"):
-        config._attn_implementation = hf["attn_implementation"]
-    return cls(config)
+    return record
 
 
 def _check_base(base: nn.Module, plan: Mapping[str, Any]) -> None:
