@@ -9,7 +9,7 @@ Example:
 
 from __future__ import annotations
 
-from autosparse import training
+from autosparse import pruning, training
 from autosparse.api import compact, gates, penalty, sparsify
 from autosparse.errors import (
     AlreadySparsifiedError,
@@ -31,6 +31,7 @@ from autosparse.io.checkpoints import load_gated_state
 from autosparse.io.export import export
 from autosparse.io.save_load import load, save
 from autosparse.policy.document import Policy, load_policy
+from autosparse.pruning import prune
 from autosparse.reporting.explain import explain
 from autosparse.reporting.logger import GateLogger
 from autosparse.reporting.report import report
@@ -62,6 +63,8 @@ __all__ = [
     "load_gated_state",
     "load_policy",
     "penalty",
+    "prune",
+    "pruning",
     "report",
     "save",
     "sparsify",

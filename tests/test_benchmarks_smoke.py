@@ -107,3 +107,11 @@ def test_gpu_check_smoke(out: Path) -> None:
     assert set(data["exactness"]) == set(gpu_check.ZOO[:2])
     assert all(diff <= 1e-5 for diff in data["exactness"].values())
     assert all(m["dense"] > 0 and m["gated"] > 0 for m in data["overhead"].values())
+
+
+def test_prune_smoke(out: Path) -> None:
+    from benchmarks import bench_prune
+
+    bench_prune.main(["--smoke", "--out", str(out)])
+    data = _load(out, "prune_smoke")
+    assert {r["method"] for r in data["summary"]} >= {"l2", "torch_pruning"}
