@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -13,11 +14,12 @@ from torch.nn.utils import parametrize
 from autosparse.analysis import DEFAULT_RULES, analyze
 from autosparse.analysis.branches import find_branches
 from autosparse.analysis.registry import Handler, RuleKey
-from autosparse.capture import capture
-from autosparse.compaction.compact import compact_model
-from autosparse.errors import AlreadySparsifiedError, ModelTypeError
+from autosparse.capture import Capture, capture, on_meta
+from autosparse.compaction.compact import compact_model, dry_run, strip_gates
+from autosparse.compaction.record import record_of
+from autosparse.errors import AlreadySparsifiedError, ModelTypeError, NoGatesError, warn
 from autosparse.gating.batch import batch_gates
-from autosparse.gating.gate import Gate, GateSite, gate_inputs
+from autosparse.gating.gate import Gate, GateSite, fast_paths
 from autosparse.gating.registry import gate_class
 from autosparse.plan import Plan, make_plan
 from autosparse.policy.document import Policy, load_policy
@@ -32,8 +34,13 @@ def sparsify(
     example_inputs: tuple | torch.Tensor | None = None,
     inplace: bool = False,
     op_rules: Mapping[RuleKey, Handler] | None = None,
+    verify: bool = True,
 ) -> nn.Module:
     """Attach differentiable gates to every group of coupled units the policy selects.
+
+    Before returning, every gated group is proved to compact exactly (a dry-run compaction of a
+    throwaway copy with random zeros in every gate, compared on the example inputs); a group that
+    does not is left ungated and ``explain()`` lists it with the reason.
 
     Args:
         model: any ``nn.Module``; it keeps its class (a Hugging Face model stays one).
@@ -41,6 +48,14 @@ def sparsify(
         example_inputs: positional inputs for one forward pass (shapes drive the analysis).
         inplace: gate ``model`` itself instead of a deep copy.
         op_rules: extra op rules ``{key: handler}`` for ops autosparse does not know.
+        verify: run the dry-run compaction (``False`` skips it: faster, but a group that cannot be
+            compacted exactly is then only found by ``compact()``).
+
+    A model whose parameters are on the meta device (built under ``with torch.device("meta"):``, too
+    large for this machine) is planned without memory: captured on meta tensors (the example inputs
+    may be real; they are stored as given), analysed and gated on meta. The dry run needs values, so
+    it is skipped there (with a warning while ``verify`` is True); fill the model with
+    :func:`autosparse.io.materialize`, then ``compact(verify=True)`` checks the result.
 
     Returns:
         The gated model. Freshly gated, it computes exactly what ``model`` computed.
@@ -52,6 +67,9 @@ def sparsify(
     Example:
         >>> net = autosparse.sparsify(net, "configs/channels.yaml", example_inputs=(x,))
         >>> loss = criterion(net(x), y) + autosparse.penalty(net)
+        >>> with torch.device("meta"):
+        ...     big = build()  # no memory
+        >>> plan_only = autosparse.sparsify(big, policy, example_inputs=(x,), verify=False)
     """
     policy = load_policy(policy)
     if not isinstance(model, nn.Module):
@@ -70,11 +88,41 @@ def sparsify(
     # be trained; sparsify prepares a model for training, so it opts out of that mode here.
     with torch.inference_mode(False):
         target = model if inplace else copy.deepcopy(model)
-        gate_list = _attach(target, plan, policy)
-    target.__dict__[STATE_ATTR] = SparsityState(plan, policy, captured.inputs, captured.kwargs, gate_list)
-    gate_inputs(target)  # the cheaper multiply where an input is smaller than its weight (exact)
-    batch_gates(target, gate_list)  # one batched gate computation per forward (autosparse.gate_batch)
+        _gate(target, plan, policy, captured)
+        failing = _dry_run(target, verify)
+        if failing:  # fail fast: what compact() could not remove exactly is never gated
+            strip_gates(target)
+            plan = _without(plan, failing)
+            _gate(target, plan, policy, captured)
     return target
+
+
+def _dry_run(target: nn.Module, verify: bool) -> dict[str, str]:
+    """The groups a dry-run compaction refuses; none checked on meta, where there are no values."""
+    if not verify:
+        return {}
+    if on_meta(target):
+        warn(f"sparsify: {type(target).__name__} is on the meta device, so the dry-run compaction that proves "
+             "each group compacts exactly was skipped (it needs values); after autosparse.io.materialize(net, "
+             "state_dict), compact(net, verify=True) checks the result. Pass verify=False to silence this.")
+        return {}
+    return dry_run(target)
+
+
+def _gate(target: nn.Module, plan: Plan, policy: Policy, captured: Capture) -> None:
+    gate_list = _attach(target, plan, policy)
+    target.__dict__[STATE_ATTR] = SparsityState(plan, policy, captured.inputs, captured.kwargs, gate_list)
+    fast_paths(target)  # lean weight access; the cheaper multiply where an input is smaller than its weight
+    batch_gates(target, gate_list)  # one batched gate computation per forward (autosparse.gate_batch)
+
+
+def _without(plan: Plan, failing: dict[str, str]) -> Plan:
+    """``plan`` less the groups the dry run refused, each listed as skipped with its reason."""
+    gated = [gg for gg in plan.gated if gg.name not in failing]
+    skipped = [*plan.skipped, *((name, f"a dry-run compaction is not exact ({why})") for name, why in failing.items())]
+    if not gated:
+        raise NoGatesError("no selected group compacts exactly:\n" + "\n".join(f"  - {n}: {w}" for n, w in skipped))
+    return dataclasses.replace(plan, gated=gated, skipped=skipped)
 
 
 def _attach(model: nn.Module, plan: Plan, policy: Policy) -> list[Gate]:
@@ -83,7 +131,8 @@ def _attach(model: nn.Module, plan: Plan, policy: Policy) -> list[Gate]:
     Each gate is registered as a submodule of the parametrization of its first site, so it
     appears once in ``state_dict`` and containers such as ``nn.Sequential`` stay untouched.
     """
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = torch.device("meta") if on_meta(model) else next((p.device for p in model.parameters()),
+                                                              torch.device("cpu"))
     gate_cls = gate_class(policy.gate.kind)
     gate_list = [
         gate_cls(gg.name, gg.group.granularity, len(gg.units), tau=policy.gate.tau,
@@ -153,7 +202,29 @@ def compact(model: nn.Module, *, verify: bool = True, inplace: bool = False, rto
     Raises:
         NotSparsifiedError: ``model`` has no gates. EquivalenceError: verification failed.
 
+    Warns:
+        AutosparseWarning: no unit was removed (the result has the dense size).
+
     Example:
         >>> small = autosparse.compact(net)
     """
-    return compact_model(unwrap(model), inplace, verify, rtol)  # a DDP wrapper: its module
+    inner = unwrap(model)  # a DDP wrapper: its module
+    gate_list = get_state(inner).gate_list()
+    closed = sum(gate.size - gate.kept() for gate in gate_list)  # read before an inplace compaction
+    small = compact_model(inner, inplace, verify, rtol)
+    _warn_if_nothing_removed(small, closed, len(gate_list))
+    return small
+
+
+def _warn_if_nothing_removed(small: nn.Module, closed: int, groups: int) -> None:
+    """A same-size "compacted" model is legal but almost never what was wanted: say why and what to do."""
+    record = record_of(small)
+    if record is None or record.replaced or record.dropped_layers:
+        return
+    if any(w["after"] < w["before"] for w in record.groups.values()):
+        return
+    why = (f"every gate of the {groups} group(s) is still open" if closed == 0 else
+           f"{closed} unit(s) have a zero gate, but the rules' min_keep / round_to keep them")
+    warn(f"compact: no unit was removed ({why}), so the compacted model has the dense size. Train longer, "
+         "raise penalty.lambda (3-10x), or set a budget such as target: {flops: 0.5} so the controller "
+         "closes gates until the model fits it")

@@ -35,6 +35,7 @@ class Capture:
     model: nn.Module | None = None  # the captured model itself (module attributes, never mutated)
     inputs: tuple = ()  # the example inputs as captured (positional) ...
     kwargs: dict[str, Any] = field(default_factory=dict)  # ... and the keyword inputs added (use_cache)
+    constants: frozenset[str] = frozenset()  # get_attr targets that are tracer constants, not the model's
 
     def shape(self, node: Any) -> tuple[int, ...] | None:
         """The static shape of a node's tensor output, or None when it is not a tensor."""
@@ -54,7 +55,7 @@ class Capture:
         if not isinstance(node, fx.Node):
             return None
         if node.op == "get_attr":
-            return str(node.target)
+            return None if node.target in self.constants else str(node.target)
         return self.tensor_names.get(node.name)
 
     def module(self, node: fx.Node) -> nn.Module | None:
@@ -168,13 +169,45 @@ def _trace_fx(model: nn.Module, inputs: tuple) -> Capture:
                 node.meta["tensor_meta"] = shapes
             return result
 
-    graph = fx.Tracer().trace(model)
-    shapes = _Shapes(model, graph=graph)
-    with torch.no_grad():
-        shapes.run(*inputs)
+    before = set(vars(model))
+    try:
+        graph = _Tracer().trace(model)
+        shapes = _Shapes(model, graph=graph)
+        with torch.no_grad():
+            shapes.run(*inputs)
+    finally:
+        # The tracer stores tensors that are no parameter or buffer (constants made in forward) as
+        # attributes of the root; the model is left as it was, and they are named as nothing.
+        added = [name for name in vars(model) if name not in before]
+        for name in added:
+            delattr(model, name)
     if next(shapes.args_iter, _Shapes) is not _Shapes:  # an Interpreter ignores surplus inputs; forward not
         raise TypeError(f"forward takes fewer than the {len(inputs)} example inputs given")
-    return Capture(graph, "fx", model)
+    return Capture(graph, "fx", model, constants=frozenset(added))
+
+
+def _forward_owner(cls: type) -> type:
+    """The class in ``cls``'s MRO that defines the ``forward`` its instances run."""
+    return next((c for c in cls.__mro__ if "forward" in vars(c)), cls)
+
+
+class _Tracer(fx.Tracer):
+    """``symbolic_trace``'s tracer with two changes that keep the graph faithful to the forward.
+
+    - Buffers are graph inputs (``get_attr``), as parameters are: arithmetic on them (a frozen
+      BatchNorm's scale from its statistics) is recorded instead of baked into a constant that
+      no one can slice.
+    - A torch.nn module is a leaf only when the forward it runs is torch's: a subclass with its
+      own forward may compute anything, so it is traced into and its ops are analysed.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proxy_buffer_attributes = True
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        owner = _forward_owner(type(m)).__module__
+        return super().is_leaf_module(m, module_qualified_name) and owner.startswith(("torch.nn", "torch.ao.nn"))
 
 
 _STACK_TRACE_SWITCH = "do_not_emit_stack_traces"  # in torch.fx.config of recent torch only (not 2.11)
@@ -206,6 +239,49 @@ def _trace_export(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]) -> Ca
     return Capture(program.graph, "export", None, names)
 
 
+def on_meta(model: nn.Module) -> bool:
+    """Whether any parameter of ``model`` is on the meta device (shapes only, no values).
+
+    Example:
+        >>> with torch.device("meta"):
+        ...     net = nn.Linear(4, 4)
+        >>> on_meta(net)
+        True
+    """
+    return any(p.is_meta for p in model.parameters())
+
+
+def _to_meta(inputs: tuple) -> tuple:
+    return tuple(t.to("meta") if isinstance(t, torch.Tensor) else t for t in inputs)
+
+
+@contextlib.contextmanager
+def _all_on_meta(model: nn.Module) -> Iterator[None]:
+    """Every real parameter and buffer of ``model`` swapped for a meta copy until the block exits.
+
+    A model built with only its parameters on meta (accelerate's ``init_empty_weights`` keeps buffers
+    real) cannot run on meta inputs: one device is needed. Tied tensors stay tied (one copy per
+    tensor); the original objects are put back, also on failure.
+    """
+    saved: list[tuple[dict, str, torch.Tensor]] = []
+    copies: dict[int, torch.Tensor] = {}
+    try:
+        for module in model.modules():
+            for table, cls in ((module._parameters, nn.Parameter), (module._buffers, None)):
+                for name, tensor in table.items():
+                    if tensor is None or tensor.is_meta:
+                        continue
+                    if id(tensor) not in copies:
+                        copy = tensor.detach().to("meta")
+                        copies[id(tensor)] = cls(copy, tensor.requires_grad) if cls else copy
+                    saved.append((table, name, tensor))
+                    table[name] = copies[id(tensor)]
+        yield
+    finally:
+        for table, name, tensor in reversed(saved):
+            table[name] = tensor
+
+
 def _is_hf(model: nn.Module) -> bool:
     return any(cls.__module__.startswith("transformers.") for cls in type(model).__mro__)
 
@@ -222,12 +298,14 @@ def capture(model: nn.Module, example_inputs: Any) -> Capture:
     """
     inputs = normalize_inputs(model, example_inputs)
     kwargs = call_kwargs(model)
+    meta = on_meta(model)  # plan without memory: trace on meta, never run on values
     modes = {m: m.training for m in model.modules()}
     start = time.perf_counter()
     try:
         model.eval()
-        with traceable_attention(model):  # lets the tracers see nn.MultiheadAttention's heads
-            result = _first_capture(model, inputs, kwargs)
+        with traceable_attention(model), (_all_on_meta(model) if meta else contextlib.nullcontext()):
+            # traceable_attention lets the tracers see nn.MultiheadAttention's heads
+            result = _first_capture(model, _to_meta(inputs) if meta else inputs, kwargs, meta)
     finally:
         for module, mode in modes.items():
             module.training = mode
@@ -236,8 +314,14 @@ def capture(model: nn.Module, example_inputs: Any) -> Capture:
     return result
 
 
-def _first_capture(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]) -> Capture:
-    """The first tracer that succeeds; :class:`CaptureError` listing every failure otherwise."""
+def _first_capture(model: nn.Module, inputs: tuple, kwargs: dict[str, Any], meta: bool = False) -> Capture:
+    """The first tracer that succeeds; :class:`CaptureError` listing every failure otherwise.
+
+    On meta (``meta``) there are no values to check the inputs with: the fx shape pass runs on meta
+    tensors and torch.export on its fake tensors. The eager check is skipped, because a forward on
+    meta fails where code reads a value (transformers' ``find_packed_sequence_indices`` calls
+    ``bool()`` on a tensor unless it sees a tracer or a fake tensor).
+    """
     errors: list[str] = []
     # Every successful capture has run the model on the real inputs once: the fx shape pass is
     # that forward; torch.export only sees fake tensors, so it gets a real forward first.
@@ -245,7 +329,7 @@ def _first_capture(model: nn.Module, inputs: tuple, kwargs: dict[str, Any]) -> C
     attempts = [("torch.fx.symbolic_trace", lambda: _trace_fx(model, inputs))] if fx_first else []
     attempts.append(("torch.export", lambda: _trace_export(model, inputs, kwargs)))
     for name, attempt in attempts:
-        if name == "torch.export":
+        if name == "torch.export" and not meta:
             _check_runs(model, inputs, kwargs)  # bad inputs: a clear error, not a tracer's
         try:
             return attempt()

@@ -41,6 +41,20 @@ class Member:
     where: str
 
 
+@dataclass(frozen=True)
+class Derived:
+    """A tensor computed element-wise from 1-D parameters or buffers (a frozen BatchNorm's scale).
+
+    Position ``i`` along ``dim`` (of size ``size``) depends on entry ``i`` of each tensor of
+    ``sources`` and on nothing else that varies along ``dim``, so slicing the sources slices it.
+    See :mod:`autosparse.analysis.derived`.
+    """
+
+    dim: int
+    size: int
+    sources: tuple[str, ...]
+
+
 @dataclass
 class State:
     """Mutable analysis state shared by every rule while walking one graph."""
@@ -54,6 +68,9 @@ class State:
     modules: dict[fx.Node, torch.nn.Module | None] = field(default_factory=dict)  # memo of module()
 
     live: set[fx.Node] | None = None  # nodes whose value can reach an output (see reaches_output)
+    # Tensors also used where slicing them would change a value (a sum over a norm's weight):
+    # any channels they follow are blocked when groups are built. Name -> where.
+    pinned: dict[str, str] = field(default_factory=dict)
 
     def reaches_output(self, node: fx.Node) -> bool:
         """Whether ``node``'s value can affect the model's outputs.
@@ -125,6 +142,24 @@ class OpContext:
 
     def tensor_name(self, value: Any) -> str | None:
         return self.state.capture.tensor_name(value)
+
+    def derived(self, value: Any) -> Derived | None:
+        found = self.state.env.get(value) if isinstance(value, fx.Node) else None
+        return found if isinstance(found, Derived) else None
+
+    def sources(self, value: Any, dim: int = 0) -> list[tuple[str, int]] | None:
+        """The (tensor, dim) slices that slice ``value`` along ``dim`` when cut with it: ``[]`` for
+        no tensor, the parameter/buffer it is, the 1-D sources of a :class:`Derived` vector varying
+        along ``dim``; None for a computed tensor that nothing can slice."""
+        if not isinstance(value, fx.Node) or self.shape(value) is None:
+            return []
+        name = self.tensor_name(value)
+        if name is not None:
+            return [(name, dim % max(self.ndim(value), 1))]
+        found = self.derived(value)
+        if found is not None and found.dim == dim % max(self.ndim(value), 1):
+            return [(source, 0) for source in found.sources]
+        return None
 
     def module(self) -> torch.nn.Module | None:
         return self.state.module(self.node)

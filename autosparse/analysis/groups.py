@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import fx
 
+from autosparse.analysis import derived
 from autosparse.analysis.context import Member, OpContext, Role, State
 from autosparse.analysis.labels import Label
 from autosparse.analysis.ops_tensor import output, pointwise
@@ -51,24 +52,33 @@ def walk(capture: Capture, rules: Registry) -> State:
     for node in capture.graph.nodes:
         ctx = OpContext(state, node)
         if node.op in ("placeholder", "get_attr"):
-            ctx.output(None)
+            ctx.output(derived.seed(ctx))
             continue
-        if node.op == "output":
-            output(ctx)
-            continue
-        handler = rules.lookup(node.op, node.target, state.module(node))
+        handler = None if node.op == "output" else rules.lookup(node.op, node.target, state.module(node))
         if handler is None and _is_pointwise_aten(node.target):
             handler = pointwise
-        if handler is None:
-            if _touches_label(ctx):
-                name = _op_name(node)
-                state.unknown.append(f"{name} at {ctx.where}")
-                ctx.block_inputs(f"unknown op {name} (no rule; add one with op_rules)")
-            ctx.output(None)
+        vectors = derived.read(ctx)
+        if vectors and derived.propagate(ctx, handler, vectors):
             continue
-        handler(ctx)
-        _check_output(ctx)
+        start = len(state.members)
+        _run(ctx, handler)
+        if vectors:  # a rule that did not slice a vector it read: slicing it would change this op
+            derived.pin(ctx, vectors, {m.name for m in state.members[start:]})
     return state
+
+
+def _run(ctx: OpContext, handler) -> None:
+    node, state = ctx.node, ctx.state
+    if node.op == "output":
+        return output(ctx)
+    if handler is None:
+        if _touches_label(ctx):
+            name = _op_name(node)
+            state.unknown.append(f"{name} at {ctx.where}")
+            ctx.block_inputs(f"unknown op {name} (no rule; add one with op_rules)")
+        return ctx.output(None)
+    handler(ctx)
+    _check_output(ctx)
 
 
 def _check_output(ctx: OpContext) -> None:
@@ -119,6 +129,9 @@ def build_groups(state: State) -> Analysis:
     by_tensor: dict[tuple[str, int], list[Member]] = defaultdict(list)
     for m in state.members:
         by_tensor[(m.name, m.dim)].append(m)
+    for name, where in state.pinned.items():  # also read where slicing would change a value
+        for m in by_tensor.get((name, 0), []):
+            elements.block(m.ids, f"'{name}' is also used at {where}, where slicing it would change the result")
     for same in by_tensor.values():  # one tensor sliced in several places (tied weights): same fate
         for other in same[1:]:
             if len(other.ids) == len(same[0].ids):

@@ -23,6 +23,16 @@ def _param(ctx: OpContext, value, attr: str | None = None) -> str | None:
     return ctx.tensor_name(value)
 
 
+def _slices(ctx: OpContext, value, dim: int = 0) -> list[tuple[str, int]] | None:
+    """The (tensor, dim) slices that cut ``value`` along ``dim``: a module's tensor name, or a graph
+    node (a parameter, or a vector derived from some); None for a computed tensor nothing can cut."""
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [(value, dim)]
+    return ctx.sources(value, dim)
+
+
 def _input_ids(ctx: OpContext, x, dim: int) -> np.ndarray | None:
     label = ctx.label(x)
     if label is None:
@@ -33,9 +43,12 @@ def _input_ids(ctx: OpContext, x, dim: int) -> np.ndarray | None:
     return label.ids
 
 
-def contraction(ctx: OpContext, x, weight: str | None, bias: str | None, *, in_dim: int,
+def contraction(ctx: OpContext, x, weight: str | None, bias, *, in_dim: int,
                 out_dim: int, x_dim: int, y_dim: int, n_out: int) -> None:
-    """A weight that reads features on ``x_dim`` of x and writes ``n_out`` new ones on ``y_dim``."""
+    """A weight that reads features on ``x_dim`` of x and writes ``n_out`` new ones on ``y_dim``.
+
+    ``bias`` is a tensor name, a graph node or None (see :func:`_slices`).
+    """
     ids = _input_ids(ctx, x, x_dim)
     if weight is None:  # weight computed on the fly: cannot slice, so nothing here is prunable
         if ids is not None:
@@ -50,8 +63,19 @@ def contraction(ctx: OpContext, x, weight: str | None, bias: str | None, *, in_d
         ctx.member(weight, in_dim, ids, Role.CONSUMER)
     out = ctx.new(n_out)
     ctx.member(weight, out_dim, out, Role.PRODUCER)
-    ctx.member(bias, 0, out, Role.PRODUCER)
+    _bias_members(ctx, bias, out)
     ctx.output(Label(y_dim % ctx.ndim(), out))
+
+
+def _bias_members(ctx: OpContext, bias, out: np.ndarray) -> None:
+    """The bias follows the new features; a computed one (nothing to slice) keeps them whole."""
+    parts = _slices(ctx, bias)
+    if parts is None:
+        ctx.elements.block(out, f"a computed bias (autosparse cannot slice it) at {ctx.where}")
+        return
+    own = isinstance(bias, str) or ctx.tensor_name(bias) is not None
+    for name, dim in parts:
+        ctx.member(name, dim, out, Role.PRODUCER if own else Role.FOLLOWER)
 
 
 def grouped_conv(ctx: OpContext, x, weight: str | None, bias: str | None, groups: int, n_out: int) -> None:
@@ -62,7 +86,7 @@ def grouped_conv(ctx: OpContext, x, weight: str | None, bias: str | None, groups
     out = ctx.new(n_out)
     ctx.elements.fuse_rows(np.concatenate([ids.reshape(groups, -1), out.reshape(groups, -1)], axis=1))
     ctx.member(weight, 0, out, Role.PRODUCER)
-    ctx.member(bias, 0, out, Role.PRODUCER)
+    _bias_members(ctx, bias, out)
     ctx.output(Label(1, out))
 
 
@@ -84,7 +108,7 @@ def conv_function(ctx: OpContext) -> None:
         groups = int(ctx.arg(6, "groups", 1))
     else:
         groups = int(ctx.arg(6, "groups", 1))
-    _conv(ctx, x, ctx.tensor_name(w), ctx.tensor_name(b), groups, transposed, ctx.shape()[1])
+    _conv(ctx, x, ctx.tensor_name(w), b, groups, transposed, ctx.shape()[1])
 
 
 def _conv(ctx, x, weight, bias, groups: int, transposed: bool, n_out: int) -> None:
@@ -103,7 +127,7 @@ def linear_module(ctx: OpContext) -> None:
 
 
 def linear_function(ctx: OpContext) -> None:
-    _linear(ctx, ctx.arg(0), ctx.tensor_name(ctx.arg(1)), ctx.tensor_name(ctx.arg(2, "bias")))
+    _linear(ctx, ctx.arg(0), ctx.tensor_name(ctx.arg(1)), ctx.arg(2, "bias"))
 
 
 def _linear(ctx: OpContext, x, weight, bias) -> None:
@@ -115,7 +139,7 @@ def addmm(ctx: OpContext) -> None:
     bias, x, w = ctx.arg(0), ctx.arg(1), ctx.arg(2)
     if ctx.tensor_name(w) is None:
         return matmul(ctx, operands=(x, w))
-    contraction(ctx, x, ctx.tensor_name(w), ctx.tensor_name(bias), in_dim=0, out_dim=1, x_dim=-1,
+    contraction(ctx, x, ctx.tensor_name(w), bias, in_dim=0, out_dim=1, x_dim=-1,
                 y_dim=-1, n_out=ctx.shape()[-1])
 
 
@@ -216,14 +240,27 @@ def table_lookup(ctx: OpContext) -> None:
     ctx.output(Label(ctx.ndim() - 1, ids))
 
 
-def _channel_followers(ctx: OpContext, x, names: list[str | None]) -> None:
-    """An op acting per channel (dim 1) whose vectors (scale, shift, stats) follow the channels."""
+def _channel_followers(ctx: OpContext, x, values: list) -> None:
+    """An op acting per channel (dim 1) whose vectors (scale, shift, stats) follow the channels.
+
+    ``values`` are tensor names or graph nodes (see :func:`_slices`).
+    """
     ids = _input_ids(ctx, x, 1)
     if ids is None:
         return ctx.output(None)
-    for name in names:
-        ctx.member(name, 0, ids, Role.FOLLOWER)
-    ctx.output(Label(1, ids))
+    ctx.output(Label(1, ids) if _followers(ctx, ids, values) else None)
+
+
+def _followers(ctx: OpContext, ids: np.ndarray, values: list) -> bool:
+    """Record per-channel vectors as followers of ``ids``; False (channels blocked) if one is a
+    computed tensor that nothing can slice (it would keep its full size after compaction)."""
+    parts = [_slices(ctx, v) for v in values]
+    if any(p is None for p in parts):
+        ctx.block(Label(1, ids), "a per-channel vector computed in the forward (autosparse cannot slice it)")
+        return False
+    for name, dim in (pair for p in parts for pair in p):
+        ctx.member(name, dim, ids, Role.FOLLOWER)
+    return True
 
 
 def batch_norm_module(ctx: OpContext) -> None:
@@ -231,14 +268,15 @@ def batch_norm_module(ctx: OpContext) -> None:
     _channel_followers(ctx, ctx.arg(0), names)
 
 
+_BN_ARGS = ((1, "weight"), (2, "bias"), (3, "running_mean"), (4, "running_var"))  # aten order
+_F_BN_ARGS = ((3, "weight"), (4, "bias"), (1, "running_mean"), (2, "running_var"))  # F.batch_norm
+
+
 def batch_norm_function(ctx: OpContext) -> None:
+    """F.batch_norm / aten batch norms; a traced forward passes weight and bias by keyword."""
     target = ctx.node.target
-    if target is F.batch_norm:  # (x, running_mean, running_var, weight, bias, ...)
-        order = [3, 4, 1, 2]
-    else:  # aten: (x, weight, bias, running_mean, running_var, ...)
-        order = [1, 2, 3, 4]
-    names = [ctx.tensor_name(ctx.arg(i)) for i in order]
-    _channel_followers(ctx, ctx.arg(0), names)
+    order = _F_BN_ARGS if target is F.batch_norm else _BN_ARGS
+    _channel_followers(ctx, ctx.arg(0), [ctx.arg(i, name) for i, name in order])
     if "legit" in str(target):  # returns (out, save_mean, save_invstd)
         ctx.output([ctx.state.env.get(ctx.node), None, None])
 
@@ -247,10 +285,10 @@ def group_norm(ctx: OpContext) -> None:
     """GroupNorm: removing whole norm groups is exact, so a unit is one norm group."""
     module = ctx.module()
     if module is not None:
-        groups, names = module.num_groups, [_param(ctx, None, "weight"), _param(ctx, None, "bias")]
+        groups, values = module.num_groups, [_param(ctx, None, "weight"), _param(ctx, None, "bias")]
     else:
-        groups = int(ctx.arg(1))
-        names = [ctx.tensor_name(ctx.arg(2, "weight")), ctx.tensor_name(ctx.arg(3, "bias"))]
+        groups = int(ctx.arg(1, "num_groups"))
+        values = [ctx.arg(2, "weight"), ctx.arg(3, "bias")]
     ids = _input_ids(ctx, ctx.arg(0), 1)
     if ids is None:
         return ctx.output(None)
@@ -258,9 +296,7 @@ def group_norm(ctx: OpContext) -> None:
         ctx.block(Label(1, ids), "GroupNorm with one group (normalises every channel together)")
         return ctx.output(None)
     ctx.elements.fuse_rows(ids.reshape(groups, -1))
-    for name in names:
-        ctx.member(name, 0, ids, Role.FOLLOWER)
-    ctx.output(Label(1, ids))
+    ctx.output(Label(1, ids) if _followers(ctx, ids, values) else None)
 
 
 def layer_norm(ctx: OpContext) -> None:
@@ -317,9 +353,15 @@ def identity_module(ctx: OpContext) -> None:
 
 
 def prelu(ctx: OpContext) -> None:
+    """nn.PReLU / F.prelu(x, weight): a weight of one value per channel follows the channels."""
     module = ctx.module()
-    if module is not None and module.num_parameters > 1:
-        return _channel_followers(ctx, ctx.arg(0), [_param(ctx, None, "weight")])
+    if module is not None:
+        weight, count = _param(ctx, None, "weight"), module.num_parameters
+    else:
+        weight = ctx.arg(1, "weight")
+        count = int(np.prod(ctx.shape(weight) or (1,)))
+    if count > 1:
+        return _channel_followers(ctx, ctx.arg(0), [weight])
     ctx.output(ctx.label(ctx.arg(0)))
 
 
@@ -359,7 +401,8 @@ _SPATIAL_FUNCS = [
 def register(rules: Registry) -> None:
     rules.register([nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                     nn.ConvTranspose3d], conv_module)
-    rules.register([F.conv1d, F.conv2d, F.conv3d, aten.conv1d, aten.conv2d, aten.conv3d,
+    rules.register([F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+                    F.conv_transpose3d, aten.conv1d, aten.conv2d, aten.conv3d,
                     aten.convolution, aten._convolution, aten.conv_transpose1d, aten.conv_transpose2d,
                     aten.conv_transpose3d], conv_function)
     rules.register(nn.Linear, linear_module)
@@ -381,6 +424,6 @@ def register(rules: Registry) -> None:
     rules.register([nn.PixelShuffle, F.pixel_shuffle, aten.pixel_shuffle], pixel_shuffle)
     rules.register([nn.PixelUnshuffle, F.pixel_unshuffle, aten.pixel_unshuffle], pixel_unshuffle)
     rules.register(_ACTIVATIONS, identity_module)
-    rules.register(nn.PReLU, prelu)
+    rules.register([nn.PReLU, F.prelu, aten.prelu, aten._prelu_kernel], prelu)
     rules.register(aten.index.Tensor, table_lookup)
     rules.register(nn.Softmax, softmax_module)

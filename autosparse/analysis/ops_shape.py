@@ -212,13 +212,13 @@ def getitem(ctx: OpContext) -> None:
     if any(isinstance(i, (fx.Node, list)) for i in items):  # advanced indexing moves dims around
         ctx.block(label, "advanced (tensor) indexing")
         return ctx.output(None)
-    out_dim = _index_dim(index if isinstance(index, tuple) else (index,), label.dim, ctx.ndim(source))
+    out_dim = index_dim(index if isinstance(index, tuple) else (index,), label.dim, ctx.ndim(source))
     if out_dim is None:
         ctx.block(label, "indexing into the channel dim")
     ctx.output(None if out_dim is None else label.moved(out_dim))
 
 
-def _index_dim(index: tuple, dim: int, ndim: int) -> int | None:
+def index_dim(index: tuple, dim: int, ndim: int) -> int | None:
     """Where input dim ``dim`` lands after basic indexing, or None if it is indexed."""
     consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
     src = out = 0

@@ -56,9 +56,10 @@ def pointwise(ctx: OpContext) -> None:
         own = dim - (len(out_shape) - len(shape))
         if own < 0 or shape[own] == 1:
             continue  # broadcast along the channel dim: the same value for every channel
-        name = ctx.tensor_name(node)
-        if name is not None:
-            ctx.member(name, own, ids, Role.FOLLOWER)
+        parts = ctx.sources(node, own)  # a parameter, or a vector derived from some (frozen BN)
+        if parts is not None:
+            for name, dim_of_name in parts:
+                ctx.member(name, dim_of_name, ids, Role.FOLLOWER)
         else:
             ctx.block(labels[0], f"an element-wise op with '{node.name}', a tensor autosparse cannot slice")
     ctx.output(Label(dim, ids))

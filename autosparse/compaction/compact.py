@@ -25,15 +25,21 @@ from autosparse.compaction.replay import base_config, replay
 from autosparse.errors import ArgumentError, CompactionError, EquivalenceError
 from autosparse.gating.batch import unbatch_gates
 from autosparse.gating.gate import GateSite, remove_input_gating
-from autosparse.gating.kept import kept_mask
+from autosparse.gating.kept import kept_mask, kept_masks
 from autosparse.state import SparsityState, flatten_outputs, get_state, run_model
 
 
 def removed_units(state: SparsityState) -> tuple[set[int], dict[str, dict[str, int]]]:
-    """Class roots to remove: units whose gate is zero, within each rule's min_keep and round_to."""
+    """Class roots to remove: units whose gate is zero, within each rule's min_keep and round_to.
+
+    The groups of a ``uniform`` rule keep one common count: the largest any of them needs, each
+    topped up to it with zero-gated units (exact: no unit with a non-zero gate is dropped). After
+    :func:`autosparse.training.freeze`, which cuts them to a common count, that is the count itself.
+    """
     removed, summary = set(), {}
-    for gg, gate in zip(state.plan.gated, state.gate_list()):
-        keep = set(torch.nonzero(kept_mask(gate, gg.rule)).flatten().tolist())
+    masks = kept_masks(state.gate_list(), [gg.rule for gg in state.plan.gated])
+    for gg, mask in zip(state.plan.gated, masks):
+        keep = set(torch.nonzero(mask).flatten().tolist())
         if not gg.branches:
             removed.update(gg.units[i] for i in range(len(gg.units)) if i not in keep)
         summary[gg.name] = {"before": len(gg.units), "after": len(keep)}
@@ -69,13 +75,7 @@ def compact_model(model: nn.Module, inplace: bool, verify: bool, rtol: float) ->
         raise ArgumentError(f"compact: rtol must be a number >= 0 (a tolerance relative to the output "
                             f"scale, e.g. 1e-5), got {rtol!r}")
     removed, summary = removed_units(state)
-    target = model if inplace else _copy(model, _replaced_tensors(model, _kept_positions(state, removed)))
-    try:
-        record = _apply(target, state, removed)
-        record.replaced, record.dropped_layers = remove_branches(model, target, state, removed_branches(state))
-        record.config_changes = sync_config(target)
-    except Exception as exc:
-        raise CompactionError(f"compaction failed: {type(exc).__name__}: {exc}") from exc
+    target, record = _build(model, state, removed, inplace)
     if not inplace:
         _unshare(model, target)
     record.groups = summary
@@ -86,6 +86,86 @@ def compact_model(model: nn.Module, inplace: bool, verify: bool, rtol: float) ->
         except EquivalenceError as exc:
             raise EquivalenceError(f"{exc} {_blame(model, state, removed, rtol)}") from None
     return target
+
+
+def _build(model: nn.Module, state: SparsityState, removed: set[int], inplace: bool) -> tuple[nn.Module, Record]:
+    """Slice, fold and drop in ``model`` or a copy of it that shares only what it replaces."""
+    target = model if inplace else _copy(model, _replaced_tensors(model, _kept_positions(state, removed)))
+    try:
+        record = _apply(target, state, removed)
+        record.replaced, record.dropped_layers = remove_branches(model, target, state, removed_branches(state))
+        record.config_changes = sync_config(target)
+    except Exception as exc:
+        raise CompactionError(f"compaction failed: {type(exc).__name__}: {exc}") from exc
+    return target, record
+
+
+def dry_run(model: nn.Module, rtol: float = 1e-4, seed: int = 0) -> dict[str, str]:
+    """Prove that every gated group of a sparsified ``model`` compacts exactly; gates are left as they were.
+
+    Zeroes a random half of the units of every gate at once, compacts a throwaway copy and compares
+    it with the gated model on the example inputs; on a failure, bisects the groups to find those
+    that fail (alone, or only together) and checks the rest again.
+
+    Returns:
+        ``{group name: why}`` for the groups that do not compact exactly (empty when all do).
+    """
+    state = get_state(model)
+    gates = state.gate_list()
+    saved = [g.forced_off.clone() for g in gates]
+    gen = torch.Generator().manual_seed(seed)
+    patterns = [torch.randperm(g.size, generator=gen)[: g.size // 2] for g in gates]
+    failing: dict[int, str] = {}
+    try:
+        todo = list(range(len(gates)))
+        why = _trial(model, state, todo, patterns, rtol)
+        while why is not None and todo:
+            found = _culprits(model, state, todo, patterns, rtol, why)
+            failing.update(found)
+            todo = [i for i in todo if i not in found]
+            why = _trial(model, state, todo, patterns, rtol) if todo else None
+    finally:
+        with torch.no_grad():
+            for gate, off in zip(gates, saved):
+                gate.forced_off.copy_(off)
+    return {state.plan.gated[i].name: why for i, why in failing.items()}
+
+
+def _trial(model: nn.Module, state: SparsityState, chosen: list[int], patterns: list[torch.Tensor],
+           rtol: float) -> str | None:
+    """Compact with the random zeros of the ``chosen`` gates only; why it is not exact, or None."""
+    with torch.no_grad():
+        for i, gate in enumerate(state.gate_list()):
+            gate.forced_off.zero_()
+            if i in chosen:
+                gate.forced_off[patterns[i]] = True
+    try:
+        removed, _ = removed_units(state)
+        target, _ = _build(model, state, removed, inplace=False)
+        check_equivalence(model, target, state, rtol)
+    except Exception as exc:  # any failure of compaction or of the compacted forward disqualifies
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    return None
+
+
+def _culprits(model: nn.Module, state: SparsityState, chosen: list[int], patterns: list[torch.Tensor],
+              rtol: float, why: str) -> dict[int, str]:
+    """The gates of ``chosen`` (known to fail with reason ``why``) that fail alone, by bisection;
+    all of ``chosen`` when no part fails alone (they fail only together)."""
+    if len(chosen) == 1:
+        return {chosen[0]: why}
+    found: dict[int, str] = {}
+    for part in (chosen[: len(chosen) // 2], chosen[len(chosen) // 2:]):
+        part_why = _trial(model, state, part, patterns, rtol)
+        if part_why is not None:
+            found.update(_culprits(model, state, part, patterns, rtol, part_why))
+    return found or dict.fromkeys(chosen, why)
+
+
+def strip_gates(model: nn.Module) -> None:
+    """Undo :func:`autosparse.sparsify` on a model whose gates never changed its weights."""
+    _unparametrize(model)
+    model.__dict__.pop("_autosparse", None)
 
 
 def _blame(model: nn.Module, state: SparsityState, removed: set[int], rtol: float) -> str:
