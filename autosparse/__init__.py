@@ -10,7 +10,7 @@ Example:
 from __future__ import annotations
 
 from autosparse import pruning, training
-from autosparse.api import compact, gates, penalty, sparsify
+from autosparse.api import compact, gates, penalty, sparsify, summary
 from autosparse.errors import (
     AlreadySparsifiedError,
     AutosparseError,
@@ -68,5 +68,6 @@ __all__ = [
     "report",
     "save",
     "sparsify",
+    "summary",
     "training",
 ]

@@ -24,6 +24,7 @@ from autosparse.gating.registry import gate_class
 from autosparse.plan import Plan, make_plan
 from autosparse.policy.document import Policy, load_policy
 from autosparse.state import STATE_ATTR, SparsityState, get_state, is_sparsified, unwrap
+from autosparse.training.budget import build_cost_model, reachable
 from autosparse.training.schedule import penalty_value
 
 
@@ -55,7 +56,7 @@ def sparsify(
     large for this machine) is planned without memory: captured on meta tensors (the example inputs
     may be real; they are stored as given), analysed and gated on meta. The dry run needs values, so
     it is skipped there (with a warning while ``verify`` is True); fill the model with
-    :func:`autosparse.io.materialize`, then ``compact(verify=True)`` checks the result.
+    :func:`autosparse.io.materialize`, then ``compact(net)`` verifies the result.
 
     Returns:
         The gated model. Freshly gated, it computes exactly what ``model`` computed.
@@ -104,7 +105,8 @@ def _dry_run(target: nn.Module, verify: bool) -> dict[str, str]:
     if on_meta(target):
         warn(f"sparsify: {type(target).__name__} is on the meta device, so the dry-run compaction that proves "
              "each group compacts exactly was skipped (it needs values); after autosparse.io.materialize(net, "
-             "state_dict), compact(net, verify=True) checks the result. Pass verify=False to silence this.")
+             "state_dict), compact(net) verifies the result on the example inputs (compact(net, inplace=True) "
+             "cannot). Pass verify=False to silence this.")
         return {}
     return dry_run(target)
 
@@ -228,3 +230,35 @@ def _warn_if_nothing_removed(small: nn.Module, closed: int, groups: int) -> None
     warn(f"compact: no unit was removed ({why}), so the compacted model has the dense size. Train longer, "
          "raise penalty.lambda (3-10x), or set a budget such as target: {flops: 0.5} so the controller "
          "closes gates until the model fits it")
+
+
+def summary(model: nn.Module) -> str:
+    """One line on what the gates of a sparsified model control, like PEFT's trainable-parameters line.
+
+    Per granularity, the gated groups and units; the parameters and FLOPs that sit in tensors (or
+    residual branches) a gate can shrink, as a share of the dense model; and what ``compact`` would
+    keep now (the cost model's prediction). Parameters need no forward pass; FLOPs reuse the
+    training's cost model when it has one, else one counted forward on the stored example inputs.
+
+    Raises:
+        NotSparsifiedError: ``model`` has no gates.
+
+    Example:
+        >>> print(autosparse.summary(net))  # a 2-layer Llama, heads and MLP channels gated, fresh
+        gated 4 groups: 2 head (4 units), 2 channel (128 units) | params: 18,432 of 22,688 reachable (81.2%), compact keeps 100.0% | FLOPs: 90.5% reachable, compact keeps 100.0%
+    """
+    inner = unwrap(model)
+    state = get_state(inner)
+    counts: dict[str, list[int]] = {}
+    for gg in state.plan.gated:
+        seen = counts.setdefault(str(gg.group.granularity), [0, 0])
+        seen[0], seen[1] = seen[0] + 1, seen[1] + len(gg.units)
+    groups = ", ".join(f"{n} {g} ({u} units)" for g, (n, u) in counts.items())
+    params = build_cost_model(inner, state, "params")
+    cached = state.training.costs.get("flops") if state.training is not None else None
+    flops = cached or build_cost_model(inner, state, "flops")
+    share = {cost.metric: reachable(cost) / (cost.dense or 1.0) for cost in (params, flops)}
+    now = {cost.metric: cost.fraction(cost.kept_now(state)) for cost in (params, flops)}
+    return (f"gated {len(state.plan.gated)} groups: {groups} | params: {reachable(params):,.0f} of "
+            f"{params.dense:,.0f} reachable ({share['params']:.1%}), compact keeps {now['params']:.1%} | "
+            f"FLOPs: {share['flops']:.1%} reachable, compact keeps {now['flops']:.1%}")

@@ -290,7 +290,9 @@ def capture(model: nn.Module, example_inputs: Any) -> Capture:
     """Capture ``model``'s graph for analysis, leaving the model exactly as it was.
 
     The model runs in eval mode under ``no_grad`` (so BatchNorm statistics do not move) and each
-    submodule's training flag is restored afterwards, also on failure.
+    submodule's training flag is restored afterwards, also on failure. A model with parameters on
+    the meta device is traced on meta (inputs moved there, real tensors swapped for meta copies
+    meanwhile) and never run on values; ``Capture.inputs`` keeps the inputs as given.
 
     Raises:
         ExampleInputsError: inputs missing or not accepted by the model.

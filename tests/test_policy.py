@@ -102,6 +102,9 @@ BAD_DICTS = [
     ("round_to_zero", {"rules": [_rule(round_to=0)]}, "rules[0].round_to", "integer >= 1"),
     ("round_to_float", {"rules": [_rule(round_to=8.0)]}, "rules[0].round_to", "write 8"),
     ("penalty_weight_neg", {"rules": [_rule(penalty_weight=-1)]}, "rules[0].penalty_weight", ">= 0"),
+    ("uniform_quoted", {"rules": [_rule(uniform="true")]}, "rules[0].uniform", "without quotes"),
+    ("uniform_int", {"rules": [_rule(uniform=1)]}, "rules[0].uniform", "got 1, expected true or false"),
+    ("uniform_layer", {"rules": [_rule(granularity="layer", uniform=True)]}, "rules[0].uniform", "channel or head rule"),
     ("version_2", _policy(version=2), "version", "got 2"),
     ("version_bool", _policy(version=True), "version", "true/false"),
     ("gate_str", _policy(gate="ds"), "gate", "a mapping with keys kind, tau"),
@@ -237,7 +240,7 @@ def test_round_trip_of_a_full_policy() -> None:
                 "min_keep": 0.25,
                 "penalty_weight": 0,
             },
-            {"granularity": "channel", "types": ["Linear"], "exclude": ["head*"], "round_to": 8},
+            {"granularity": "channel", "types": ["Linear"], "exclude": ["head*"], "round_to": 8, "uniform": True},
         ],
         "gate": {"kind": "hard_concrete", "tau": 0.2},
         "penalty": {"lambda": 2, "p": 0.7, "cost_weighting": "flops"},
@@ -251,6 +254,7 @@ def test_round_trip_of_a_full_policy() -> None:
     assert load_policy(data) == policy
     assert hash(load_policy(data)) == hash(policy)
     assert policy.target.metric == "params"
+    assert [r.uniform for r in policy.rules] == [False, True] and data["rules"][1]["uniform"] is True
 
 
 def test_dataclasses_validate_at_construction() -> None:

@@ -3,6 +3,7 @@
 * :mod:`~autosparse.io.save_load`: :func:`save` / :func:`load` of a compacted model with its replayable record;
 * :mod:`~autosparse.io.hf_dir`: the Hugging Face ``config.json`` of a save (exact or refusing), :func:`hf_base_model`;
 * :mod:`~autosparse.io.checkpoints`: gated checkpoints to resume training, :func:`load_gated_state`;
+* :mod:`~autosparse.io.materialize`: :func:`materialize` fills a model gated on the meta device (to_empty, dense weights, fresh gates);
 * :mod:`~autosparse.io.format`: the on-disk format (atomic directories, JSON, safetensors, versions);
 * :mod:`~autosparse.io.export`: ``torch.export`` (``.pt2``) and ONNX.
 * :mod:`~autosparse.io.dynamic`: the dynamic shapes of an export and the input shapes its check runs at.
@@ -27,6 +28,7 @@ from autosparse.io.format import (
     load_inputs,
 )
 from autosparse.io.hf_dir import hf_base_model
+from autosparse.io.materialize import materialize
 from autosparse.io.save_load import load, save
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "load_checkpoint",
     "load_gated_state",
     "load_inputs",
+    "materialize",
     "save",
     "save_checkpoint",
 ]

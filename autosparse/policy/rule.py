@@ -21,6 +21,7 @@ from autosparse.policy.schema import (
     At,
     Check,
     Validated,
+    boolean,
     choice,
     integer,
     is_int,
@@ -105,6 +106,10 @@ class Rule(Validated):
         min_keep: Units every group keeps: an int >= 1, or a float in (0, 1] as a fraction of the group.
         round_to: Kept unit counts are rounded up to a multiple of this (hardware-friendly shapes).
         penalty_weight: Multiplies the penalty's lambda for the groups of this rule.
+        uniform: Every group of this rule keeps the same number of units (heads per layer, MLP
+            width per layer), so a Hugging Face config can state the widths and plain
+            ``from_pretrained`` loads the compacted model. The freeze step cuts each group to the
+            rounded mean of the groups' open units (its lowest gates go); channel and head rules only.
 
     Raises:
         PolicyError: A field is out of range or of the wrong type, or ``exclude`` removes everything.
@@ -122,6 +127,7 @@ class Rule(Validated):
     min_keep: int | float = 1
     round_to: int = 1
     penalty_weight: float = 1.0
+    uniform: bool = False
 
     _CHECKS: ClassVar[dict[str, Check]] = {
         "granularity": choice([g.value for g in Granularity], Granularity),
@@ -132,11 +138,17 @@ class Rule(Validated):
         "min_keep": _min_keep,
         "round_to": integer(ge=1),
         "penalty_weight": real(ge=0),
+        "uniform": boolean(),
     }
     _REQUIRED_HINT: ClassVar[str] = "every rule needs a granularity: 'channel', 'head' or 'layer'"
 
     @classmethod
     def _cross_check(cls, values: dict[str, Any], at: At) -> None:
+        if values["uniform"] and values["granularity"] == Granularity.LAYER:
+            raise at.child("uniform").error(
+                "got true on a layer rule; a layer rule's branches already form one group, so there is "
+                "nothing to make uniform: drop uniform, or put it on a channel or head rule"
+            )
         modules, exclude = values["modules"], values["exclude"]
         if all(any(glob_covers(e, m) for e in exclude) for m in modules):
             raise at.child("exclude").error(
@@ -244,6 +256,7 @@ class Rule(Validated):
             8
         """
         return self.round_keep(max(nonzero, self.resolve_min_keep(n)), n)
+
 
 def _check_count(rule: Rule, what: str, value: object, lo: int) -> None:
     if not is_int(value) or value < lo:

@@ -292,6 +292,20 @@ def choice(allowed: Sequence[str], convert: Callable[[str], Any] = str) -> Check
     return check
 
 
+def boolean() -> Check:
+    """``true`` or ``false``; a quoted ``"true"`` or a 0/1 gets a hint. Message: ``true or false``."""
+
+    @with_schema({"type": "boolean"})
+    def check(value: Any, at: At) -> bool:
+        if isinstance(value, bool):
+            return value
+        quoted = isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no")
+        hint = " (a string; write true or false without quotes)" if quoted else ""
+        raise at.bad(value, "true or false", hint)
+
+    return check
+
+
 NON_BLANK = {"type": "string", "pattern": "\\S"}  # what `item.strip()` below accepts
 
 

@@ -19,6 +19,9 @@ has the same flaw and strips the highest-resolution layers first. See docs/pruni
 
 Widths stay legal: a group only moves between counts that its rule allows (``Rule.kept_count``:
 at least ``min_keep``, multiples of ``round_to``), removing its least important units first. The
+groups of a ``uniform: true`` rule move together (a *cluster*): one move removes a chunk from each
+of them, scored by the chunks' summed importance over their summed relative cost, so they end at
+one common width. The
 removals are taken in rounds: each round takes the best moves until their estimated (linear)
 saving covers half of what is left to save, then the cost model is evaluated again, so the
 result lands at or just under the target in a few dozen evaluations, not one per unit.
@@ -32,6 +35,8 @@ import torch
 from torch import nn
 
 from autosparse.errors import PolicyError, warn
+from autosparse.gating.kept import uniform_clusters
+from autosparse.policy.rule import Rule
 from autosparse.state import SparsityState, get_state
 from autosparse.training.budget import CostModel, build_cost_model, check_reachable
 
@@ -56,8 +61,8 @@ class Selection:
 
 @dataclass
 class _Move:
-    group: int
-    units: list[int]  # unit indices within the group
+    cluster: int
+    parts: list[tuple[int, list[int]]]  # (group, unit indices within it): one per group of the cluster
     score: float
     saving: float  # linear estimate of the cost it removes
 
@@ -87,18 +92,19 @@ def select_units(net: nn.Module, scores: list[torch.Tensor]) -> Selection:
     kept = torch.ones(cost.n_units, dtype=torch.float64)
     dense = cost.unit_costs(kept)
     spans = list(zip(cost.offsets[:-1], cost.offsets[1:]))
-    price = [float(dense[lo:hi].mean()) for lo, hi in spans]
     worth = [_relative(s.double().cpu()) for s in scores]
-    order = [torch.argsort(w, stable=True).tolist() for w in worth]  # least important first
-    taken: list[list[_Move]] = [[] for _ in spans]  # per group, its moves in the order applied
+    groups = [_Group(state.plan.gated[i].rule, lo, hi, float(dense[lo:hi].mean()), worth[i],
+                     torch.argsort(worth[i], stable=True).tolist()) for i, (lo, hi) in enumerate(spans)]
+    clusters = uniform_clusters([g.rule for g in groups])
+    taken: list[list[_Move]] = [[] for _ in clusters]  # per cluster, its moves in the order applied
     while cost.fraction(kept) > budget:
         unit_cost = cost.unit_costs(kept)
-        moves = [m for i in range(len(spans)) for m in _moves(state, i, kept, spans[i], order[i], worth[i],
-                                                               unit_cost, dense, price[i])]
+        moves = [m for c, members in enumerate(clusters)
+                 for m in _moves(c, [(i, groups[i]) for i in members], kept, unit_cost, dense)]
         if not moves:
             break  # every group at its floor: check_reachable allowed landing within the tolerance
         for move in _take(moves, kept, spans, float(cost.cost(kept)) - budget * cost.dense):
-            taken[move.group].append(move)
+            taken[move.cluster].append(move)
     _refill(cost, kept, spans, taken, budget)
     predicted = cost.fraction(kept)
     if predicted > budget:
@@ -129,25 +135,42 @@ def _relative(score: torch.Tensor) -> torch.Tensor:
     return score / mean if mean > 0 else torch.zeros_like(score)
 
 
-def _moves(state: SparsityState, i: int, kept: torch.Tensor, span: tuple[int, int], order: list[int],
-           worth: torch.Tensor, unit_cost: torch.Tensor, dense: torch.Tensor, price: float) -> list[_Move]:
-    """Group ``i``'s successive legal removals from its kept count down to its rule's floor."""
-    lo, hi = span
-    rule, n = state.plan.gated[i].rule, hi - lo
-    alive = [j for j in order if kept[lo + j] > 0]
-    floor, step = rule.kept_count(0, n), rule.round_to
-    moves, count, best = [], len(alive), 0.0
+@dataclass
+class _Group:
+    """One gated group as the selection sees it: its rule, span in the unit vector, mean dense
+    unit price, group-relative importance and unit order (least important first)."""
+
+    rule: Rule
+    lo: int
+    hi: int
+    price: float
+    worth: torch.Tensor
+    order: list[int]
+
+
+def _moves(cluster: int, members: list[tuple[int, _Group]], kept: torch.Tensor, unit_cost: torch.Tensor,
+           dense: torch.Tensor) -> list[_Move]:
+    """A cluster's successive legal removals, from its kept count down to its rule's floor. A
+    cluster is one group, or every group of a uniform rule: then each move narrows all of them."""
+    alive = [[j for j in g.order if kept[g.lo + j] > 0] for _, g in members]
+    rule = members[0][1].rule
+    floor = max(rule.kept_count(0, g.hi - g.lo) for _, g in members)
+    moves, count, best = [], max(len(a) for a in alive), 0.0
     while True:
-        nxt = ((count - 1) // step) * step  # the next smaller width the rule allows
+        nxt = ((count - 1) // rule.round_to) * rule.round_to  # the next smaller width the rule allows
         if count == 0 or nxt < floor:
             return moves
-        units = alive[len(alive) - count : len(alive) - nxt]
-        saving = float(unit_cost[[lo + j for j in units]].sum())
-        if saving <= 0 or price <= 0:
+        parts = [(i, a[len(a) - min(count, len(a)) : len(a) - min(nxt, len(a))]) for (i, _), a in zip(members, alive)]
+        flat = [g.lo + j for (_, g), (_, units) in zip(members, parts) for j in units]
+        saving = float(unit_cost[flat].sum())
+        prices = [g.price for _, g in members]
+        if saving <= 0 or min(prices) <= 0:
             return moves  # removing them saves nothing now (their branch is already gone)
-        relative_cost = float(dense[[lo + j for j in units]].sum()) / price
-        best = max(best, float(worth[units].sum()) / relative_cost)  # monotone: a group's moves go in order
-        moves.append(_Move(i, units, best, saving))
+        relative_cost = sum(float(dense[[g.lo + j for j in units]].sum()) / g.price
+                            for (_, g), (_, units) in zip(members, parts))
+        importance = sum(float(g.worth[units].sum()) for (_, g), (_, units) in zip(members, parts))
+        best = max(best, importance / relative_cost)  # monotone: a cluster's moves go in order
+        moves.append(_Move(cluster, parts, best, saving))
         count = nxt
 
 
@@ -179,7 +202,7 @@ def _refill(cost: CostModel, kept: torch.Tensor, spans: list[tuple[int, int]], t
         for move in tops:
             _set(kept, spans, move, 1.0)
             if cost.fraction(kept) <= budget:
-                taken[move.group].pop()
+                taken[move.cluster].pop()
                 break
             _set(kept, spans, move, 0.0)
         else:
@@ -187,6 +210,6 @@ def _refill(cost: CostModel, kept: torch.Tensor, spans: list[tuple[int, int]], t
 
 
 def _set(kept: torch.Tensor, spans: list[tuple[int, int]], move: _Move, value: float) -> None:
-    lo = spans[move.group][0]
-    kept[[lo + j for j in move.units]] = value
+    for group, units in move.parts:
+        kept[[spans[group][0] + j for j in units]] = value
 

@@ -40,7 +40,7 @@ from torch import nn
 
 from autosparse.analysis import Role
 from autosparse.errors import PolicyError
-from autosparse.gating.kept import kept_mask
+from autosparse.gating.kept import kept_masks
 from autosparse.measure import flops_by_module
 from autosparse.state import SparsityState
 
@@ -100,9 +100,15 @@ class CostModel:
 
     def kept_now(self, state: SparsityState) -> torch.Tensor:
         """The 0/1 kept vector ``compact`` would use now: non-zero gates, topped up to each rule's
-        ``min_keep`` and ``round_to`` with the zero-gated units of largest ``gamma`` (as compaction does)."""
-        parts = [kept_mask(gate, gg.rule).double() for gg, gate in zip(state.plan.gated, state.gate_list())]
-        return torch.cat(parts)
+        ``min_keep`` and ``round_to`` with the zero-gated units of largest ``gamma`` (as compaction does).
+
+        The groups of a ``uniform`` rule are predicted at the rounded mean of their open counts, each
+        keeping its largest gates: what :func:`equalize` makes of them at the freeze step (before
+        it, an unfrozen ``compact`` would keep the largest count instead, see
+        :func:`~autosparse.gating.kept.kept_masks`).
+        """
+        rules = [gg.rule for gg in state.plan.gated]
+        return torch.cat([m.double() for m in kept_masks(state.gate_list(), rules, predict=True)])
 
     def soft_kept(self, state: SparsityState) -> torch.Tensor:
         """``min(1, value / SOFT_THRESHOLD)`` per unit: falls as units head for zero, before they reach it."""
@@ -117,6 +123,18 @@ class CostModel:
             n = len(gg.units)
             kept[self.offsets[i] : self.offsets[i] + gg.rule.kept_count(0, n)] = 1.0
         return kept
+
+
+def reachable(cost: CostModel) -> float:
+    """The part of ``cost.dense`` that some gate can remove: terms with a gated position or in a branch.
+
+    Example:
+        >>> cost = build_cost_model(net, get_state(net), "params")  # doctest: +SKIP
+        >>> reachable(cost) / cost.dense  # doctest: +SKIP
+        0.78
+    """
+    n = cost.n_units
+    return sum(t.cost for t in cost.terms if t.branches or any(bool((i < n).any()) for i in t.indices))
 
 
 def build_cost_model(model: nn.Module, state: SparsityState, metric: str) -> CostModel:
@@ -332,3 +350,32 @@ def enforce(state: SparsityState, cost: CostModel, target: float) -> list[tuple[
             return closed
         gates[best[0]].zero_([best[1]])
         closed.append((state.plan.gated[best[0]].name, best[1]))
+
+
+def equalize(state: SparsityState) -> list[tuple[str, int]]:
+    """Give the groups of every ``uniform`` rule one common width: the rounded mean of their open
+    counts (then ``min_keep`` / ``round_to``), each keeping its largest gates.
+
+    A group with more open units than that has its lowest-valued ones forced off (the model's
+    function changes here, as with :func:`enforce`); a group with fewer keeps zero-gated units to
+    make up the count at compaction (exact: their gate is 0). Afterwards ``compact`` keeps exactly
+    the common width in every group, which is what :meth:`CostModel.kept_now` predicted.
+
+    Returns:
+        ``(group name, unit index)`` of every unit closed.
+
+    Example:
+        >>> closed = equalize(get_state(net))  # done by autosparse.training.freeze
+    """
+    rules = [gg.rule for gg in state.plan.gated]
+    if not any(rule.uniform for rule in rules):
+        return []
+    masks = kept_masks(state.gate_list(), rules, predict=True)
+    closed: list[tuple[str, int]] = []
+    for gg, gate, mask in zip(state.plan.gated, state.gate_list(), masks):
+        with torch.no_grad():
+            cut = ((gate.values().detach().cpu() != 0) & ~mask).nonzero().flatten().tolist()
+        if gg.rule.uniform and cut:
+            gate.zero_(cut)
+            closed += [(gg.name, j) for j in cut]
+    return closed

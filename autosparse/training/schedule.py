@@ -41,6 +41,7 @@ from autosparse.training.budget import (
     build_cost_model,
     check_reachable,
     enforce,
+    equalize,
     ramp_end,
 )
 from autosparse.training.distributed import average_gate_grads, scale_
@@ -133,13 +134,19 @@ def current_lambda(model: nn.Module) -> float:
 
 def penalty_terms(model: nn.Module) -> list[torch.Tensor]:
     """Per gate, its term of the penalty: ``lambda_now * cost_weight * penalty_weight * ||shares||_p``."""
+    return list(_scaled_norms(model).unbind())
+
+
+def _scaled_norms(model: nn.Module) -> torch.Tensor:
+    """:func:`penalty_terms` as one tensor (summed directly: an unbind + stack per step costs two
+    ops per gate forward and backward, noticeable when small layers make every op count)."""
     state = get_state(model)
     tr = training_state(model)
     lam, p = current_lambda(model), state.policy.penalty.p
     gates = state.gate_list()
     norms = penalty_norms(gates, p, tr.penalty_layouts)
     scale = torch.tensor([lam * w for w in tr.weights], dtype=norms.dtype, device=norms.device)
-    return list((norms * scale).unbind())
+    return norms * scale
 
 
 def penalty_value(model: nn.Module) -> torch.Tensor:
@@ -154,7 +161,7 @@ def penalty_value(model: nn.Module) -> torch.Tensor:
         )
     if tr.frozen:
         return gates[0].gamma.new_zeros(())
-    return torch.stack(penalty_terms(model)).sum()
+    return _scaled_norms(model).sum()
 
 
 def cost_fraction(model: nn.Module, metric: str = "flops") -> float:
@@ -211,11 +218,14 @@ def _record(tr: TrainingState, record: dict[str, float]) -> None:
 
 
 def freeze(model: nn.Module) -> None:
-    """Fix the structure: enforce the budget (if any), then stop every gate from changing.
+    """Fix the structure: enforce the budget (if any), equalize uniform rules, then stop every gate
+    from changing.
 
     Over budget, the open units that cost most per unit of gate value are closed until the predicted
-    cost is at most the target. The gate values are then folded into the weights (every open gate
-    becomes exactly 1; the model computes the same function). The gate parameters stop requiring
+    cost is at most the target. The groups of each ``uniform: true`` rule are then cut to one common
+    width, the rounded mean of their open counts (:func:`~autosparse.training.budget.equalize`: the
+    lowest gates of the wider groups go), as the cost model predicted. The gate values are then
+    folded into the weights (every open gate becomes exactly 1; the model computes the same function). The gate parameters stop requiring
     gradients, their gradients are dropped, and :func:`step` restores them after every optimizer
     step, so neither momentum nor weight decay can move them.
     """
@@ -225,8 +235,10 @@ def freeze(model: nn.Module) -> None:
         return
     target = state.policy.target
     if target.metric is not None:
+        enforce(state, tr.costs[target.metric], getattr(target, target.metric))
+    equalize(state)  # what the cost model predicted for uniform rules, so the budget still holds
+    if target.metric is not None:
         cost = tr.costs[target.metric]
-        enforce(state, cost, getattr(target, target.metric))
         frac = cost.fraction(cost.kept_now(state))
         if frac < getattr(target, target.metric) - target.tolerance:
             warn(
