@@ -176,6 +176,9 @@ def config_mismatch(model: nn.Module, config: Any = None) -> str | None:
         "'model.layers.0.mlp' is a ZeroBranch; LlamaForCausalLM(config) builds a LlamaMLP there"
     """
     config = copy.deepcopy(model.config if config is None else config)
+    invalid = _invalid(config)
+    if invalid is not None:
+        return invalid
     fresh = on_meta(type(model), config)
     if isinstance(fresh, str):
         return fresh
@@ -197,6 +200,19 @@ def config_mismatch(model: nn.Module, config: Any = None) -> str | None:
         for key in sorted(ours.keys() & built.keys()):
             if ours[key] != built[key]:
                 return f"module '{name}' has {key}={ours[key]!r}; {cls}(config) builds {key}={built[key]!r}"
+    return None
+
+
+def _invalid(config: Any) -> str | None:
+    """Why transformers would refuse to save or load ``config`` (its own validation, e.g. a head
+    count that does not divide hidden_size in families that check it); None when it accepts it."""
+    validate = getattr(config, "validate", None)
+    if not callable(validate):
+        return None
+    try:
+        validate()
+    except Exception as exc:  # transformers raises its own (strict dataclass) validation errors
+        return f"transformers rejects the rewritten config: {type(exc).__name__}: {str(exc).splitlines()[0]}"
     return None
 
 

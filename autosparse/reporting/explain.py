@@ -17,7 +17,7 @@ from torch import nn
 from autosparse.analysis import Analysis, Group, analyze
 from autosparse.capture import capture
 from autosparse.compaction.record import record_of
-from autosparse.gating.kept import kept_mask
+from autosparse.gating.kept import kept_masks
 from autosparse.state import get_state, is_sparsified, unwrap
 
 
@@ -139,7 +139,8 @@ def explain(model: nn.Module, *, example_inputs: tuple | None = None) -> Explana
         return report
     state = get_state(model)
     gates = {gg.name: (gg, gate) for gg, gate in zip(state.plan.gated, state.gate_list())}
-    widths = {name: (int(kept_mask(gate, gg.rule).sum()), gate.kept()) for name, (gg, gate) in gates.items()}
+    masks = kept_masks(state.gate_list(), [gg.rule for gg in state.plan.gated])  # what compact() keeps
+    widths = {gg.name: (int(mask.sum()), gate.kept()) for gg, gate, mask in zip(state.plan.gated, state.gate_list(), masks)}
     skipped = dict(state.plan.skipped)
     wanted = {str(r.granularity) for r in state.policy.rules}
     for g in state.plan.analysis.groups:
