@@ -71,6 +71,9 @@ class State:
     # Tensors also used where slicing them would change a value (a sum over a norm's weight):
     # any channels they follow are blocked when groups are built. Name -> where.
     pinned: dict[str, str] = field(default_factory=dict)
+    # (ids, other ids, reason): a size read off another tensor that must shrink with these channels
+    # (``x.view(b, c, 1, 1)`` with ``c`` read before a later op unites them); checked after the walk.
+    same_size: list[tuple[np.ndarray, np.ndarray, str]] = field(default_factory=list)
 
     def reaches_output(self, node: fx.Node) -> bool:
         """Whether ``node``'s value can affect the model's outputs.

@@ -94,9 +94,15 @@ def reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[lis
 
 
 def reshape_label(
-    elements: Elements, label: Label, src: tuple[int, ...], dst: tuple[int, ...], reason: str
+    elements: Elements, label: Label, src: tuple[int, ...], dst: tuple[int, ...], reason: str,
+    parts: tuple[int, ...] = (),
 ) -> tuple[Label | None, bool]:
-    """Carry a label through a reshape. Returns the new label and whether a split fused positions."""
+    """Carry a label through a reshape. Returns the new label and whether a split fused positions.
+
+    ``parts`` are output dims that later ops take apart position by position (q, k, v of a packed
+    projection): their positions are united first, as an equal split would, so the label can sit
+    on the dim after them (the heads) instead of fusing it.
+    """
     for gi, gj in reshape_groups(src, dst):
         if label.dim not in gi:
             continue
@@ -108,6 +114,10 @@ def reshape_label(
         for d in gj:
             view[d] = dst[d]
         full = ids.reshape(view)
+        for d in (d for d in parts if d in gj and dst[d] > 1):
+            first = np.take(full, [0], axis=d)
+            for i in range(1, dst[d]):
+                elements.union_arrays(first, np.take(full, [i], axis=d))
         before = len(np.unique(elements.find_all(label.ids)))
         out = normalize(elements, full, reason)
         after = 0 if out is None else len(np.unique(elements.find_all(out.ids)))

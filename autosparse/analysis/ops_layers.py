@@ -127,7 +127,7 @@ def linear_module(ctx: OpContext) -> None:
 
 
 def linear_function(ctx: OpContext) -> None:
-    _linear(ctx, ctx.arg(0), ctx.tensor_name(ctx.arg(1)), ctx.arg(2, "bias"))
+    _linear(ctx, ctx.arg(0), ctx.tensor_name(ctx.arg(1, "weight")), ctx.arg(2, "bias"))  # timm passes weight=...
 
 
 def _linear(ctx: OpContext, x, weight, bias) -> None:
@@ -224,20 +224,6 @@ def _embedding(ctx: OpContext, weight: str | None) -> None:
     out = ctx.new(ctx.shape()[-1])
     ctx.member(weight, 1, out, Role.PRODUCER)
     ctx.output(Label(ctx.ndim() - 1, out))
-
-
-def table_lookup(ctx: OpContext) -> None:
-    """``table[idx]`` of a 2-D parameter (relative position bias tables): like an embedding, the
-    table's columns become elements that follow whatever they are added to (e.g. attention heads)."""
-    table, indices = ctx.arg(0), ctx.arg(1)
-    name = ctx.tensor_name(table)
-    simple = isinstance(indices, (list, tuple)) and len(indices) == 1 and indices[0] is not None
-    if name is None or ctx.ndim(table) != 2 or not simple or ctx.label(indices[0]) is not None:
-        ctx.block_inputs("advanced indexing")
-        return ctx.output(None)
-    ids = ctx.new(ctx.shape(table)[1])
-    ctx.member(name, 1, ids, Role.FOLLOWER)
-    ctx.output(Label(ctx.ndim() - 1, ids))
 
 
 def _channel_followers(ctx: OpContext, x, values: list) -> None:
@@ -425,5 +411,4 @@ def register(rules: Registry) -> None:
     rules.register([nn.PixelUnshuffle, F.pixel_unshuffle, aten.pixel_unshuffle], pixel_unshuffle)
     rules.register(_ACTIVATIONS, identity_module)
     rules.register([nn.PReLU, F.prelu, aten.prelu, aten._prelu_kernel], prelu)
-    rules.register(aten.index.Tensor, table_lookup)
     rules.register(nn.Softmax, softmax_module)

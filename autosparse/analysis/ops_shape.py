@@ -15,9 +15,11 @@ from torch import fx
 
 from autosparse.analysis.context import OpContext
 from autosparse.analysis.labels import Label, reshape_label
+from autosparse.analysis.ops_tables import gather_rows, slice_rows
 from autosparse.analysis.registry import Registry
+from autosparse.analysis.reshape_sizes import size_terms, taken_apart
 from autosparse.analysis.unionfind import FIXED
-from autosparse.modules.surgery import has_fixer, head_count_attribute
+from autosparse.modules.surgery import has_fixer, head_count_attribute, head_layout
 
 aten = torch.ops.aten
 
@@ -42,11 +44,20 @@ def reshape(ctx: OpContext) -> None:
     label = ctx.label(x)
     if label is None or out_shape is None:
         return ctx.output(None)
-    new, split = reshape_label(ctx.elements, label, ctx.shape(x), out_shape, f"reshape at {ctx.where}")
+    parts = tuple(d for d, n in enumerate(out_shape) if n > 1 and taken_apart(ctx.state.capture, ctx.node, d))
+    new, split = reshape_label(ctx.elements, label, ctx.shape(x), out_shape, f"reshape at {ctx.where}", parts)
     if new is None:
         return ctx.output(None)
     sizes = _shape_args(ctx) if ctx.node.target in _SIZED else []
     literal = len(sizes) == len(out_shape) and isinstance(sizes[new.dim], int) and sizes[new.dim] != -1
+    if literal and not split and _is_head_dim(ctx, sizes[new.dim]):  # export's view(B, N, -1, head_dim)
+        ctx.block(new, f"a reshape that hard-codes the head size {sizes[new.dim]} on the channel dim")
+        return ctx.output(None)
+    clash = _kept_width(ctx, sizes[new.dim]) if literal and ctx.state.capture.kind == "export" else None
+    if clash is not None:
+        ctx.block(new, f"a reshape that hard-codes the size {sizes[new.dim]} of the channel dim, which is also "
+                       f"'{clash}' (compaction does not change it)")
+        return ctx.output(None)
     if literal and not _rewritable_size(ctx, sizes[new.dim]):
         exported = ctx.state.capture.kind == "export"
         kept_whole = not split and np.array_equal(new.ids, label.ids)  # view(-1, C): C maps 1:1
@@ -56,21 +67,103 @@ def reshape(ctx: OpContext) -> None:
         if split or not exported or not safe:
             ctx.block(new, f"a reshape that hard-codes the size {sizes[new.dim]} of the channel dim")
             return ctx.output(None)
+    problem = _computed_size_problem(ctx, sizes, new) if len(sizes) == len(out_shape) else None
+    if problem is not None:
+        ctx.block(new, problem)
+        return ctx.output(None)
     if split:
         ctx.state.head_elements.update(int(i) for i in new.ids)
     ctx.output(new)
 
 
-def _rewritable_size(ctx: OpContext, count: int) -> bool:
-    """A literal size is fine when it is an attribute compaction rewrites (``self.heads``)."""
+def _computed_size_problem(ctx: OpContext, sizes: list, new: Label) -> str | None:
+    """Why a size the traced forward computes would be wrong after compaction, or None.
+
+    The channel dim's size must shrink with its channels: ``x.shape[d]`` of a tensor whose dim d
+    carries the same classes does (or -1, or a literal compaction rewrites: checked by the caller);
+    ``C`` read off the block's input does not (timm's ``reshape(B, N, C)`` after attention). Any other
+    dim must keep its size, so it may not read a pruned dim or divide by a rewritten head count
+    (XCiT's ``C // self.num_heads``)."""
+    capture = ctx.state.capture
+    for k, size in enumerate(sizes):
+        if not isinstance(size, fx.Node):
+            continue
+        terms = size_terms(capture, size)
+        if k == new.dim:
+            if not _follows(ctx, terms, new):
+                src = ", ".join(f"{t.name}.shape[{d}]" for t, d in terms.reads) or size.name
+                return f"a reshape that takes the size of the channel dim from {src}, which does not shrink with it"
+            continue
+        heads = [n for n in terms.literals if _head_count(ctx, n)]
+        pruned = [f"{t.name}.shape[{d}]" for t, d in terms.reads if _labelled_on(ctx, t, d)]
+        if heads or pruned:
+            what = f"the head count {heads[0]}" if heads else pruned[0]
+            return f"a reshape whose size on dim {k} is computed from {what}, which compaction changes"
+    return None
+
+
+def _follows(ctx: OpContext, terms, new: Label) -> bool:
+    """The size is one read of a labelled dim as long as ``new``'s; that they carry the same
+    classes (and so shrink together) is checked once the walk has united everything."""
+    if not terms.known or terms.literals or len(terms.reads) != 1:
+        return False
+    tensor, dim = terms.reads[0]
+    found = ctx.label(tensor)
+    if found is None or found.dim != dim or len(found.ids) != len(new.ids):
+        return False
+    why = f"a reshape that takes the size of the channel dim from {tensor.name}.shape[{dim}], whose " \
+          f"channels are pruned differently, at {ctx.where}"
+    ctx.state.same_size.append((new.ids, found.ids, why))
+    return True
+
+
+def _labelled_on(ctx: OpContext, tensor: fx.Node, dim: int) -> bool:
+    found = ctx.label(tensor)
+    return found is not None and found.dim == dim
+
+
+_KEPT_WIDTHS = ("hidden_size", "embed_dim", "d_model")
+
+
+def _kept_width(ctx: OpContext, value: int) -> str | None:
+    """An exported literal equal to an attention module's model width as well as its head width
+    (Hugging Face PvtV2's ``reshape(B, N, self.hidden_size)``): the graph cannot say which one the
+    code reads, and the model width stays, so the heads must stay too."""
+    module = _owner(ctx)
+    if module is None or head_count_attribute(module, value) is None:
+        return None
+    return next((a for a in _KEPT_WIDTHS if getattr(module, a, None) == value), None)
+
+
+def _is_head_dim(ctx: OpContext, value: int) -> bool:
+    """A single-head stage splits (B, N, C) into (B, N, 1, C): the channels land on the head-size
+    dim one to one, and that size stays what the code says (the head count is what changes)."""
+    module = _owner(ctx)
+    layout = head_layout(module) if module is not None else None
+    return layout is not None and layout[0] == value
+
+
+def _head_count(ctx: OpContext, value: int) -> bool:
+    module = _owner(ctx)
+    return module is not None and value > 1 and head_count_attribute(module, value) is not None
+
+
+def _owner(ctx: OpContext):
+    """The innermost module whose forward holds the node, or None."""
     stack = ctx.node.meta.get("nn_module_stack") or {}
     model = ctx.state.capture.model
     if not stack or model is None:
-        return False
-    path = list(stack.values())[-1][0]
+        return None
     try:
-        module = model.get_submodule(path)
+        return model.get_submodule(list(stack.values())[-1][0])
     except AttributeError:
+        return None
+
+
+def _rewritable_size(ctx: OpContext, count: int) -> bool:
+    """A literal size is fine when it is an attribute compaction rewrites (``self.heads``)."""
+    module = _owner(ctx)
+    if module is None:
         return False
     if head_count_attribute(module, count) is not None:
         return True
@@ -189,6 +282,19 @@ def split(ctx: OpContext) -> None:
     ctx.output([Label(dim, part.copy()) for part in parts])
 
 
+def unbind(ctx: OpContext) -> None:
+    """``x.unbind(dim)``: one output per position of ``dim``, which disappears from each."""
+    x = ctx.arg(0)
+    label, shape = ctx.label(x), ctx.shape(x)
+    dim = int(ctx.arg(1, "dim", 0)) % len(shape)
+    if label is None:
+        return ctx.output([None] * shape[dim])
+    if label.dim == dim:  # fewer channels would mean fewer outputs than the code unpacks
+        ctx.block(label, "unbinding the channel dim (one output per channel)")
+        return ctx.output([None] * shape[dim])
+    ctx.output([label.moved(label.dim - (dim < label.dim))] * shape[dim])
+
+
 _SIZE_SPLITS = {"split", torch.split, aten.split.Tensor, aten.split_with_sizes.default,
                 aten.unsafe_split.Tensor}
 
@@ -205,6 +311,8 @@ def getitem(ctx: OpContext) -> None:
         if isinstance(index, slice):  # parts[::-1]: still a sequence of labels
             return ctx.output(found[index])
         return ctx.output(found[index] if isinstance(index, int) and index < len(found) else None)
+    if isinstance(index, fx.Node) and ctx.ndim(source) == 2:  # table[idx]: rows picked by a tensor
+        return gather_rows(ctx)
     label = ctx.label(source)
     if label is None or ctx.shape() is None:
         return ctx.output(None)
@@ -245,7 +353,7 @@ def slice_op(ctx: OpContext) -> None:
     x = ctx.arg(0)
     label, shape = ctx.label(x), ctx.shape(x)
     if label is None:
-        return ctx.output(None)
+        return None if slice_rows(ctx) else ctx.output(None)
     if int(ctx.arg(1, "dim", 0)) % len(shape) == label.dim and ctx.shape()[label.dim] != shape[label.dim]:
         ctx.block(label, "slicing part of the channel dim")
         return ctx.output(None)
@@ -277,6 +385,7 @@ def register(rules: Registry) -> None:
     rules.register([torch.stack, aten.stack], stack)
     rules.register(["split", "chunk", torch.split, torch.chunk, aten.split, aten.split_with_sizes,
                     aten.chunk, aten.unsafe_split], split)
+    rules.register(["unbind", torch.unbind, aten.unbind], unbind)
     rules.register(operator.getitem, getitem)
     rules.register([aten.slice, aten.narrow, "narrow", torch.narrow], slice_op)
     rules.register([aten.select, "select", torch.select], select)

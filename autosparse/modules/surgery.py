@@ -109,7 +109,7 @@ _K_NAMES = ("k_proj", "key", "k")
 _FUSED_QKV = ("c_attn", "qkv", "Wqkv")
 _HEAD_DIM_NAMES = ("head_dim", "attention_head_size", "key_value_proj_dim", "head_size")
 HEAD_COUNT_NAMES = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads", "q_heads")
-WIDTH_NAMES = ("all_head_size", "inner_dim", "split_size")
+WIDTH_NAMES = ("all_head_size", "inner_dim", "split_size", "attn_dim")
 GROUP_NAMES = ("num_key_value_groups", "num_kv_groups", "n_rep")
 KV_COUNT_NAMES = ("num_key_value_heads", "num_kv_heads", "n_kv_heads", "kv_heads")
 
@@ -142,16 +142,28 @@ def head_layout(module: nn.Module) -> tuple[int, int, int] | None:
     """``(head_dim, query heads, key/value heads)`` read off an attention module's projections,
     or None when it has no integer head_dim or no query projection."""
     head_dim = next((getattr(module, n) for n in _HEAD_DIM_NAMES if isinstance(getattr(module, n, None), int)),
-                    None)
+                    None) or _head_dim_from_scale(module)
     q_name = next((n for n in _Q_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
     if not head_dim or q_name is None or out_features(getattr(module, q_name)) is None:
         return None
     q = getattr(module, q_name)
     fused = 3 if type(q).__name__ == "Conv1D" or q_name in _FUSED_QKV or "qkv" in type(q).__name__.lower() else 1
+    if out_features(q) % (fused * head_dim):
+        return None
     n_q = out_features(q) // fused // head_dim
     k = next((getattr(module, n) for n in _K_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
     n_kv = out_features(k) // head_dim if k is not None and out_features(k) else n_q
     return head_dim, n_q, n_kv
+
+
+def _head_dim_from_scale(module: nn.Module) -> int | None:
+    """timm's WindowAttention keeps no head_dim, only ``scale = head_dim ** -0.5``: read it back
+    (compaction's equivalence check catches a custom scale that happens to look like one)."""
+    scale = getattr(module, "scale", None)
+    if not isinstance(scale, float) or not 0 < scale < 1:
+        return None
+    head_dim = round(scale ** -2)
+    return head_dim if head_dim > 1 and abs(head_dim ** -0.5 - scale) <= 1e-6 * scale else None
 
 
 def fix_attention(module: nn.Module) -> bool:
