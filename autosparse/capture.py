@@ -267,7 +267,9 @@ def _all_on_meta(model: nn.Module) -> Iterator[None]:
     copies: dict[int, torch.Tensor] = {}
     try:
         for module in model.modules():
-            for table, cls in ((module._parameters, nn.Parameter), (module._buffers, None)):
+            tables: tuple[tuple[dict[str, Any], type[nn.Parameter] | None], ...] = (
+                (module._parameters, nn.Parameter), (module._buffers, None))
+            for table, cls in tables:
                 for name, tensor in table.items():
                     if tensor is None or tensor.is_meta:
                         continue
@@ -337,8 +339,26 @@ def _first_capture(model: nn.Module, inputs: tuple, kwargs: dict[str, Any], meta
             return attempt()
         except Exception as exc:  # tracer failures come in many types; each is reported below
             errors.append(f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-    raise CaptureError(
-        f"could not capture {type(model).__name__}: " + "; ".join(errors) + ". "
-        "Make data-dependent control flow static (or move it out of forward), or check that "
-        "example_inputs match what the model expects."
-    )
+    raise CaptureError(f"could not capture {type(model).__name__}: " + "; ".join(errors) + ". " + _hint(errors))
+
+
+# What the tracers' messages say -> what to change; the first match wins (checked in order).
+_HINTS = (
+    (("autograd.function", "custom_function", "functionctx", "once_differentiable"),
+     "A custom torch.autograd.Function could not be traced: define it with torch.library.custom_op "
+     "(traced as one op) and give it an analysis rule with sparsify(..., op_rules={op: rule})."),
+    (("numpy", "__array__", "tolist"),
+     "The forward converts a tensor to NumPy or Python values: keep that computation in torch ops."),
+    (("control flow", "data-dependent", "datadependent", "guardondatadependent", "item()"),
+     "Make data-dependent control flow static (or move it out of forward)."),
+)
+
+
+def _hint(errors: list[str]) -> str:
+    """The advice that fits the tracers' failures (a generic one when none is recognised)."""
+    text = " ".join(errors).lower()
+    for needles, advice in _HINTS:
+        if any(n in text for n in needles):
+            return advice + " Also check that example_inputs match what the model expects."
+    return ("Check that example_inputs match what the model expects, and that its forward runs under "
+            "torch.fx.symbolic_trace or torch.export.export(strict=False) (the errors above say where not).")

@@ -104,3 +104,32 @@ def test_value_dependent_control_flow_is_a_capture_error_naming_the_fix():
     assert "torch.fx.symbolic_trace" in message and "torch.export" in message
     assert "Make data-dependent control flow static" in message
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
+
+
+class _NumpyScale(torch.autograd.Function):
+    """A custom autograd.Function whose forward leaves torch: no tracer can follow it."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(x.detach().numpy() * 2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad * 2
+
+
+class NumpyFunctionNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(_NumpyScale.apply(self.a(x)))
+
+
+def test_capture_error_hint_fits_the_cause_not_always_control_flow():
+    with pytest.raises(autosparse.CaptureError) as info:
+        autosparse.sparsify(NumpyFunctionNet(), {"rules": [{"granularity": "channel"}]},
+                            example_inputs=(torch.randn(1, 3, 8, 8),))
+    message = str(info.value)
+    assert "converts a tensor to NumPy" in message and "control flow" not in message
