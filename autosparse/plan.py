@@ -11,8 +11,9 @@ from torch import nn
 
 from autosparse.analysis import Analysis, Group, Role
 from autosparse.analysis.branches import Branch
-from autosparse.errors import NoGatesError, warn
-from autosparse.policy.document import Policy, Rule
+from autosparse.errors import NoGatesError, NotSparsifiedError, warn
+from autosparse.policy.document import Policy
+from autosparse.policy.rule import Rule
 
 
 @dataclass
@@ -37,6 +38,18 @@ class Plan:
     gated: list[GatedGroup]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (group, reason)
     analysis: Analysis | None = None
+
+    def require_analysis(self) -> Analysis:
+        """The analysis the plan was made from (:func:`make_plan` always records one).
+
+        Raises:
+            NotSparsifiedError: the plan carries no analysis, so its model's gates cannot be resolved
+                to tensors (sparsify the model again).
+        """
+        if self.analysis is None:
+            raise NotSparsifiedError("the model's sparsity plan has no analysis (it was not made by "
+                                     "autosparse.sparsify); sparsify the original model again")
+        return self.analysis
 
     def site_indices(self) -> dict[tuple[str, int], tuple[list[int], np.ndarray]]:
         """For each consumer (tensor, dim): the gates it reads and its position -> value index.
@@ -99,7 +112,9 @@ def make_plan(policy: Policy, analysis: Analysis, model: nn.Module,
         NoGatesError: no group matched any rule (the message lists why groups were skipped).
     """
     modules = dict(model.named_modules())
-    gated, skipped, taken = [], [], set()
+    gated: list[GatedGroup] = []
+    skipped: list[tuple[str, str]] = []
+    taken: set[str] = set()
     used_rules: set[int] = set()
     for group in analysis.groups:
         if not any(str(r.granularity) == group.granularity for r in policy.rules):

@@ -16,13 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import autosparse
 from autosparse.io import load, save
 from autosparse.measure import count_params
+from tests.processes import run_on_processes
 from tests.zoo import CHANNEL, get_case, rel_diff, run_no_grad, sparsify_quietly
 
 WORLD, STEPS, GLOBAL_BATCH = 2, 4, 8
@@ -83,11 +83,7 @@ def _worker(rank: int, tmp: str) -> None:
 
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("ddp")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("GLOO_SOCKET_IFNAME", os.environ.get("GLOO_SOCKET_IFNAME", "lo"))  # no network needed
-        mp.start_processes(_worker, args=(str(tmp),), nprocs=WORLD, join=True, start_method="spawn")
-    return tmp
+    return run_on_processes(_worker, tmp_path_factory.mktemp("ddp"), WORLD)
 
 
 def test_ddp_training_equals_single_process(ddp_run: Path) -> None:

@@ -8,18 +8,17 @@ gradients before every optimizer step, as FSDP does for the weights it shards.
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import autosparse
 from autosparse.errors import AutosparseWarning
+from tests.processes import run_on_processes
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 checkpoint_state = pytest.importorskip("torch.distributed.checkpoint.state_dict")
@@ -90,11 +89,7 @@ def _worker(rank: int, tmp: str) -> None:
 
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tmp = tmp_path_factory.mktemp("fsdp")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("GLOO_SOCKET_IFNAME", os.environ.get("GLOO_SOCKET_IFNAME", "lo"))  # no network needed
-        mp.start_processes(_worker, args=(str(tmp),), nprocs=WORLD, join=True, start_method="spawn")
-    return tmp
+    return run_on_processes(_worker, tmp_path_factory.mktemp("fsdp"), WORLD)
 
 
 def _single_process() -> tuple[nn.Module, nn.Module]:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from autosparse.errors import PolicyError, warn
-from autosparse.policy.rule import Granularity, Rule, glob_covers
+from autosparse.policy.rule import Rule, glob_covers
 from autosparse.policy.schema import (
     At,
     Check,
@@ -274,18 +274,3 @@ def _warn_suspicious(policy: Policy) -> None:
                 )
                 break
 
-
-__all__ = [
-    "COST_WEIGHTINGS",
-    "GATE_KINDS",
-    "CostWeighting",
-    "GateConfig",
-    "GateKind",
-    "Granularity",
-    "PenaltyConfig",
-    "Policy",
-    "Rule",
-    "Schedule",
-    "Target",
-    "load_policy",
-]
