@@ -192,7 +192,7 @@ class _Modules:
         """The child of ``parent`` that computed ``node``, looking inside containers never called."""
         path = _path(node) or ""
         child = _child_on_path(parent, path)
-        while isinstance(modules.get(child), _CONTAINERS) and child not in self.stacks[node]:
+        while child is not None and isinstance(modules.get(child), _CONTAINERS) and child not in self.stacks[node]:
             child = _child_on_path(child, path)  # x = x + blocks[i](x): one unit per block
         return child
 

@@ -139,6 +139,13 @@ class OpContext:
     def shape(self, value: Any = None) -> tuple[int, ...] | None:
         return self.state.capture.shape(self.node if value is None else value)
 
+    def tensor_shape(self, value: Any = None) -> tuple[int, ...]:
+        """:meth:`shape` of a value the rule knows is a tensor (its output, a weighted op's input)."""
+        shape = self.shape(value)
+        if shape is None:  # the TypeError that indexing None would raise, with a readable message
+            raise TypeError(f"{self.node if value is None else value} at {self.where} is not a tensor")
+        return shape
+
     def ndim(self, value: Any = None) -> int:
         shape = self.shape(value)
         return len(shape) if shape is not None else 0
@@ -180,7 +187,7 @@ class OpContext:
         return [n for n in flat if self.shape(n) is not None]
 
     # -- writing -------------------------------------------------------------------------------
-    def output(self, label: Label | None | list) -> None:
+    def output(self, label: Label | Derived | list | None) -> None:
         self.state.env[self.node] = label
 
     def new(self, count: int) -> np.ndarray:

@@ -17,6 +17,7 @@ not record a source as a member of the node reading it pins it.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import fx
@@ -54,7 +55,7 @@ def propagate(ctx: OpContext, handler: Handler | None, inputs: list[fx.Node]) ->
     if handler is pointwise:
         out = _pointwise(ctx, inputs)
     elif handler is reshape or handler is expand or handler is getitem:
-        out = _moved(ctx, ctx.derived(ctx.arg(0)), handler) if ctx.arg(0) in inputs else None
+        out = _moved(ctx, _vector(ctx, ctx.arg(0)), handler) if ctx.arg(0) in inputs else None
     else:
         return False
     if out is None:
@@ -66,9 +67,14 @@ def propagate(ctx: OpContext, handler: Handler | None, inputs: list[fx.Node]) ->
 def pin(ctx: OpContext, inputs: list[fx.Node], recorded: set[str] | frozenset[str] = frozenset()) -> None:
     """Pin the sources of derived ``inputs`` that the node's rule did not record as members."""
     for node in inputs:
-        for name in ctx.derived(node).sources:
+        for name in _vector(ctx, node).sources:
             if name not in recorded:
                 ctx.state.pinned.setdefault(name, ctx.where)
+
+
+def _vector(ctx: OpContext, node: Any) -> Derived:
+    """The derived vector of an input that :func:`read` found to hold one."""
+    return cast(Derived, ctx.derived(node))
 
 
 def _pointwise(ctx: OpContext, inputs: list[fx.Node]) -> Derived | None:
@@ -76,8 +82,8 @@ def _pointwise(ctx: OpContext, inputs: list[fx.Node]) -> Derived | None:
     out_shape = ctx.shape()
     if out_shape is None:
         return None
-    dims = {d.dim + len(out_shape) - ctx.ndim(n) for n in inputs for d in [ctx.derived(n)]}
-    sizes = {ctx.derived(n).size for n in inputs}
+    dims = {d.dim + len(out_shape) - ctx.ndim(n) for n in inputs for d in [_vector(ctx, n)]}
+    sizes = {_vector(ctx, n).size for n in inputs}
     if len(dims) != 1 or len(sizes) != 1:
         return None
     dim, size = dims.pop(), sizes.pop()
@@ -86,11 +92,11 @@ def _pointwise(ctx: OpContext, inputs: list[fx.Node]) -> Derived | None:
     for node in ctx.tensor_inputs():
         if node in inputs:
             continue
-        shape = ctx.shape(node)
+        shape = ctx.tensor_shape(node)
         own = dim - (len(out_shape) - len(shape))
         if own >= 0 and shape[own] != 1:  # a constant varying along the dim: cannot be sliced with it
             return None
-    sources = tuple(dict.fromkeys(s for n in inputs for s in ctx.derived(n).sources))
+    sources = tuple(dict.fromkeys(s for n in inputs for s in _vector(ctx, n).sources))
     return Derived(dim, size, sources)
 
 
@@ -99,6 +105,7 @@ def _moved(ctx: OpContext, value: Derived, handler: Handler) -> Derived | None:
     out_shape, in_shape = ctx.shape(), ctx.shape(ctx.arg(0))
     if out_shape is None or in_shape is None:
         return None
+    dim: int | None
     if handler is expand:
         dim = value.dim + len(out_shape) - len(in_shape)
     elif handler is getitem:
@@ -118,4 +125,4 @@ def _sized(ctx: OpContext, dim: int) -> bool:
         return True  # export graphs hold literals for every size; compaction's check catches a real one
     rest = ctx.args[1:]
     sizes = list(rest[0]) if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else list(rest)
-    return len(sizes) != len(ctx.shape()) or not isinstance(sizes[dim], int) or sizes[dim] == -1
+    return len(sizes) != len(ctx.tensor_shape()) or not isinstance(sizes[dim], int) or sizes[dim] == -1

@@ -138,9 +138,9 @@ def build_groups(state: State) -> Analysis:
                 elements.union_arrays(same[0].ids, other.ids)
             else:
                 elements.block(np.concatenate([same[0].ids, other.ids]), f"'{other.name}' used with two sizes")
-    for ids, other, why in state.same_size:
-        if not np.array_equal(np.sort(elements.find_all(ids)), np.sort(elements.find_all(other))):
-            elements.block(np.concatenate([ids, other]), why)
+    for ids, other_ids, why in state.same_size:
+        if not np.array_equal(np.sort(elements.find_all(ids)), np.sort(elements.find_all(other_ids))):
+            elements.block(np.concatenate([ids, other_ids]), why)
     root_of = elements.roots()
     members = [Member(m.name, m.dim, root_of[np.asarray(m.ids, dtype=np.int64)], m.role, m.where)
                for m in state.members]

@@ -66,7 +66,8 @@ def reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[lis
     """Split a reshape into runs of source and target dims whose sizes multiply to the same value."""
     groups, i, j = [], 0, 0
     while i < len(src) or j < len(dst):
-        gi, gj = [], []
+        gi: list[int] = []
+        gj: list[int] = []
         pi = pj = 1
         while True:
             if pi <= pj and i < len(src) and (not gi or pi < pj or src[i] == 1):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+from typing import cast
 
 import numpy as np
 import torch
@@ -11,7 +12,7 @@ from torch import nn
 
 from autosparse.analysis.context import OpContext, Role
 from autosparse.analysis.labels import Label
-from autosparse.analysis.registry import Registry
+from autosparse.analysis.registry import Registry, RuleKey
 from autosparse.analysis.unionfind import FIXED
 
 aten = torch.ops.aten
@@ -54,10 +55,11 @@ def contraction(ctx: OpContext, x, weight: str | None, bias, *, in_dim: int,
         if ids is not None:
             ctx.elements.block(ids, f"a contraction with a computed weight at {ctx.where}")
         return ctx.output(None)
-    if ids is None and ctx.shape(x) is not None:
+    x_shape = ctx.shape(x)
+    if ids is None and x_shape is not None:
         # Features autosparse cannot slice (a model input, a blocked op): recorded as fixed, so a
         # weight shared with a prunable input (packed attention projections) stays whole there.
-        ids = ctx.new(ctx.shape(x)[x_dim])
+        ids = ctx.new(x_shape[x_dim])
         ctx.elements.block(ids, f"'{weight}' also reads an input autosparse cannot slice at {ctx.where}")
     if ids is not None:
         ctx.member(weight, in_dim, ids, Role.CONSUMER)
@@ -81,7 +83,7 @@ def _bias_members(ctx: OpContext, bias, out: np.ndarray) -> None:
 def grouped_conv(ctx: OpContext, x, weight: str | None, bias: str | None, groups: int, n_out: int) -> None:
     """Grouped/depthwise conv: a unit is a whole group (its input and output channels together)."""
     ids = _input_ids(ctx, x, 1)
-    n_in = ctx.shape(x)[1]
+    n_in = ctx.tensor_shape(x)[1]
     ids = np.full(n_in, FIXED, np.int64) if ids is None else ids
     out = ctx.new(n_out)
     ctx.elements.fuse_rows(np.concatenate([ids.reshape(groups, -1), out.reshape(groups, -1)], axis=1))
@@ -91,7 +93,7 @@ def grouped_conv(ctx: OpContext, x, weight: str | None, bias: str | None, groups
 
 
 def conv_module(ctx: OpContext) -> None:
-    conv = ctx.module()
+    conv = cast(nn.modules.conv._ConvNd, ctx.module())  # registered for conv module classes only
     transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
     _conv(ctx, ctx.arg(0), _param(ctx, None, "weight"), _param(ctx, None, "bias"), conv.groups,
           transposed, conv.out_channels)
@@ -108,7 +110,7 @@ def conv_function(ctx: OpContext) -> None:
         groups = int(ctx.arg(6, "groups", 1))
     else:
         groups = int(ctx.arg(6, "groups", 1))
-    _conv(ctx, x, ctx.tensor_name(w), b, groups, transposed, ctx.shape()[1])
+    _conv(ctx, x, ctx.tensor_name(w), b, groups, transposed, ctx.tensor_shape()[1])
 
 
 def _conv(ctx, x, weight, bias, groups: int, transposed: bool, n_out: int) -> None:
@@ -131,7 +133,7 @@ def linear_function(ctx: OpContext) -> None:
 
 
 def _linear(ctx: OpContext, x, weight, bias) -> None:
-    contraction(ctx, x, weight, bias, in_dim=1, out_dim=0, x_dim=-1, y_dim=-1, n_out=ctx.shape()[-1])
+    contraction(ctx, x, weight, bias, in_dim=1, out_dim=0, x_dim=-1, y_dim=-1, n_out=ctx.tensor_shape()[-1])
 
 
 def addmm(ctx: OpContext) -> None:
@@ -140,7 +142,7 @@ def addmm(ctx: OpContext) -> None:
     if ctx.tensor_name(w) is None:
         return matmul(ctx, operands=(x, w))
     contraction(ctx, x, ctx.tensor_name(w), bias, in_dim=0, out_dim=1, x_dim=-1,
-                y_dim=-1, n_out=ctx.shape()[-1])
+                y_dim=-1, n_out=ctx.tensor_shape()[-1])
 
 
 def matmul(ctx: OpContext, operands=None) -> None:
@@ -148,7 +150,7 @@ def matmul(ctx: OpContext, operands=None) -> None:
     a, b = operands or (ctx.arg(0), ctx.arg(1))
     if ctx.tensor_name(b) is not None and ctx.ndim(b) == 2:
         return contraction(ctx, a, ctx.tensor_name(b), None, in_dim=0, out_dim=1, x_dim=-1, y_dim=-1,
-                           n_out=ctx.shape()[-1])
+                           n_out=ctx.tensor_shape()[-1])
     _attention_like(ctx, [(a, "row"), (b, "col")], ctx.ndim())
 
 
@@ -221,7 +223,7 @@ def embedding_function(ctx: OpContext) -> None:
 
 
 def _embedding(ctx: OpContext, weight: str | None) -> None:
-    out = ctx.new(ctx.shape()[-1])
+    out = ctx.new(ctx.tensor_shape()[-1])
     ctx.member(weight, 1, out, Role.PRODUCER)
     ctx.output(Label(ctx.ndim() - 1, out))
 
@@ -241,10 +243,11 @@ def _followers(ctx: OpContext, ids: np.ndarray, values: list) -> bool:
     """Record per-channel vectors as followers of ``ids``; False (channels blocked) if one is a
     computed tensor that nothing can slice (it would keep its full size after compaction)."""
     parts = [_slices(ctx, v) for v in values]
-    if any(p is None for p in parts):
+    sliced = [p for p in parts if p is not None]
+    if len(sliced) < len(parts):
         ctx.block(Label(1, ids), "a per-channel vector computed in the forward (autosparse cannot slice it)")
         return False
-    for name, dim in (pair for p in parts for pair in p):
+    for name, dim in (pair for p in sliced for pair in p):
         ctx.member(name, dim, ids, Role.FOLLOWER)
     return True
 
@@ -271,7 +274,8 @@ def group_norm(ctx: OpContext) -> None:
     """GroupNorm: removing whole norm groups is exact, so a unit is one norm group."""
     module = ctx.module()
     if module is not None:
-        groups, values = module.num_groups, [_param(ctx, None, "weight"), _param(ctx, None, "bias")]
+        groups = cast(nn.GroupNorm, module).num_groups  # the only module class with this rule
+        values = [_param(ctx, None, "weight"), _param(ctx, None, "bias")]
     else:
         groups = int(ctx.arg(1, "num_groups"))
         values = [ctx.arg(2, "weight"), ctx.arg(3, "bias")]
@@ -289,7 +293,7 @@ def layer_norm(ctx: OpContext) -> None:
     """LayerNorm/RMSNorm over trailing dims: channels normalised together cannot be removed."""
     module = ctx.module()
     if module is not None:
-        count = len(module.normalized_shape)
+        count = len(cast(nn.LayerNorm | nn.RMSNorm, module).normalized_shape)
     else:
         count = len(ctx.arg(1))
     x = ctx.arg(0)
@@ -320,7 +324,7 @@ def pixel_shuffle(ctx: OpContext) -> None:
     ids = _input_ids(ctx, x, 1)
     if ids is None:
         return ctx.output(None)
-    block = ctx.shape(x)[1] // ctx.shape()[1]
+    block = ctx.tensor_shape(x)[1] // ctx.tensor_shape()[1]
     rows = ids.reshape(-1, block)
     ctx.elements.fuse_rows(rows)
     ctx.output(Label(1, rows[:, 0].copy()))
@@ -331,7 +335,7 @@ def pixel_unshuffle(ctx: OpContext) -> None:
     ids = _input_ids(ctx, x, 1)
     if ids is None:
         return ctx.output(None)
-    ctx.output(Label(1, np.repeat(ids, ctx.shape()[1] // ctx.shape(x)[1])))
+    ctx.output(Label(1, np.repeat(ids, ctx.tensor_shape()[1] // ctx.tensor_shape(x)[1])))
 
 
 def identity_module(ctx: OpContext) -> None:
@@ -342,7 +346,7 @@ def prelu(ctx: OpContext) -> None:
     """nn.PReLU / F.prelu(x, weight): a weight of one value per channel follows the channels."""
     module = ctx.module()
     if module is not None:
-        weight, count = _param(ctx, None, "weight"), module.num_parameters
+        weight, count = _param(ctx, None, "weight"), cast(nn.PReLU, module).num_parameters
     else:
         weight = ctx.arg(1, "weight")
         count = int(np.prod(ctx.shape(weight) or (1,)))
@@ -352,7 +356,7 @@ def prelu(ctx: OpContext) -> None:
 
 
 def softmax_module(ctx: OpContext) -> None:
-    x, dim = ctx.arg(0), ctx.module().dim
+    x, dim = ctx.arg(0), cast(nn.Softmax, ctx.module()).dim  # registered for nn.Softmax only
     label = ctx.label(x)
     if label is not None and (dim is None or dim % ctx.ndim(x) == label.dim):
         ctx.block(label, "softmax across the channel dim")
@@ -365,13 +369,13 @@ _ACTIVATIONS = [
     nn.Hardsigmoid, nn.Mish, nn.ELU, nn.Softplus, nn.Hardtanh, nn.Identity, nn.Dropout,
     nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
 ]
-_SPATIAL_MODULES = [
+_SPATIAL_MODULES: list[RuleKey] = [
     nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
     nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
     nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d,
     nn.UpsamplingBilinear2d, nn.ZeroPad2d, nn.ConstantPad2d, nn.ReflectionPad2d, nn.ReplicationPad2d,
 ]
-_SPATIAL_FUNCS = [
+_SPATIAL_FUNCS: list[RuleKey] = [
     F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d,
     F.interpolate, F.pad, aten.max_pool1d, aten.max_pool2d, aten.max_pool3d, aten.avg_pool1d,

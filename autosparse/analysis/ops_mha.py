@@ -7,6 +7,8 @@ stand-in does not implement.
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 
 from autosparse.analysis.context import OpContext
@@ -25,7 +27,7 @@ def average_rule(ctx: OpContext) -> None:
 
 def unsupported_rule(ctx: OpContext) -> None:
     """Analysis rule for an ``nn.MultiheadAttention`` the stand-in does not cover (fx keeps it a leaf)."""
-    module = ctx.module()
+    module = cast(nn.MultiheadAttention, ctx.module())  # registered for nn.MultiheadAttention only
     why = [name for name, on in (("add_bias_kv", module.bias_k is not None), ("add_zero_attn", module.add_zero_attn),
                                  ("kdim/vdim != embed_dim", not module._qkv_same_embed_dim)) if on]
     ctx.block_inputs(f"nn.MultiheadAttention with {', '.join(why) or 'this configuration'}: autosparse "

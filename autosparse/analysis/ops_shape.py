@@ -45,7 +45,7 @@ def reshape(ctx: OpContext) -> None:
     if label is None or out_shape is None:
         return ctx.output(None)
     parts = tuple(d for d, n in enumerate(out_shape) if n > 1 and taken_apart(ctx.state.capture, ctx.node, d))
-    new, split = reshape_label(ctx.elements, label, ctx.shape(x), out_shape, f"reshape at {ctx.where}", parts)
+    new, split = reshape_label(ctx.elements, label, ctx.tensor_shape(x), out_shape, f"reshape at {ctx.where}", parts)
     if new is None:
         return ctx.output(None)
     sizes = _shape_args(ctx) if ctx.node.target in _SIZED else []
@@ -217,12 +217,12 @@ def cat(ctx: OpContext) -> None:
             ctx.block(lab if isinstance(lab, Label) else None, "a concat of a computed sequence")
         return ctx.output(None)
     tensors = list(ctx.arg(0))
-    out_shape = ctx.shape()
+    out_shape = ctx.tensor_shape()
     dim = int(ctx.arg(1, "dim", 0)) % len(out_shape)
     labels = [ctx.label(t) for t in tensors]
     if any(lab is not None and lab.dim == dim for lab in labels):
         parts = [
-            lab.ids if lab is not None and lab.dim == dim else np.full(ctx.shape(t)[dim], FIXED, np.int64)
+            lab.ids if lab is not None and lab.dim == dim else np.full(ctx.tensor_shape(t)[dim], FIXED, np.int64)
             for t, lab in zip(tensors, labels)
         ]
         for lab in labels:
@@ -261,7 +261,7 @@ def stack(ctx: OpContext) -> None:
 def split(ctx: OpContext) -> None:
     """split/chunk/unbind: equal parts of a channel dim must lose the same positions."""
     x = ctx.arg(0)
-    label, shape = ctx.label(x), ctx.shape(x)
+    label, shape = ctx.label(x), ctx.tensor_shape(x)
     outs = ctx.node.meta.get("val") or ctx.node.meta.get("tensor_meta")
     sizes = [int(o.shape[_split_dim(ctx, len(shape))]) for o in outs] if outs else []
     dim = _split_dim(ctx, len(shape))
@@ -285,7 +285,7 @@ def split(ctx: OpContext) -> None:
 def unbind(ctx: OpContext) -> None:
     """``x.unbind(dim)``: one output per position of ``dim``, which disappears from each."""
     x = ctx.arg(0)
-    label, shape = ctx.label(x), ctx.shape(x)
+    label, shape = ctx.label(x), ctx.tensor_shape(x)
     dim = int(ctx.arg(1, "dim", 0)) % len(shape)
     if label is None:
         return ctx.output([None] * shape[dim])
@@ -351,10 +351,11 @@ def index_dim(index: tuple, dim: int, ndim: int) -> int | None:
 
 def slice_op(ctx: OpContext) -> None:
     x = ctx.arg(0)
-    label, shape = ctx.label(x), ctx.shape(x)
+    label = ctx.label(x)
     if label is None:
         return None if slice_rows(ctx) else ctx.output(None)
-    if int(ctx.arg(1, "dim", 0)) % len(shape) == label.dim and ctx.shape()[label.dim] != shape[label.dim]:
+    shape = ctx.tensor_shape(x)
+    if int(ctx.arg(1, "dim", 0)) % len(shape) == label.dim and ctx.tensor_shape()[label.dim] != shape[label.dim]:
         ctx.block(label, "slicing part of the channel dim")
         return ctx.output(None)
     ctx.output(label)

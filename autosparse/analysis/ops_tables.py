@@ -26,7 +26,7 @@ def columns(ctx: OpContext, table) -> Label | None:
     name = ctx.tensor_name(table)
     if name is None or ctx.ndim(table) != 2:
         return None
-    ids = ctx.new(ctx.shape(table)[1])
+    ids = ctx.new(ctx.tensor_shape(table)[1])
     ctx.member(name, 1, ids, Role.FOLLOWER)
     return Label(1, ids)
 

@@ -15,7 +15,7 @@ from torch import fx
 
 from autosparse.analysis.context import OpContext, Role
 from autosparse.analysis.labels import Label
-from autosparse.analysis.registry import Registry
+from autosparse.analysis.registry import Registry, RuleKey
 
 aten = torch.ops.aten
 
@@ -52,7 +52,7 @@ def pointwise(ctx: OpContext) -> None:
     for node in inputs:
         if ctx.label(node) is not None:
             continue
-        shape = ctx.shape(node)
+        shape = ctx.tensor_shape(node)
         own = dim - (len(out_shape) - len(shape))
         if own < 0 or shape[own] == 1:
             continue  # broadcast along the channel dim: the same value for every channel
@@ -178,7 +178,7 @@ def _name(ctx: OpContext) -> str:
     return target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
 
-_POINTWISE_FUNCS = [
+_POINTWISE_FUNCS: list[RuleKey] = [
     operator.add, operator.sub, operator.mul, operator.truediv, operator.neg, operator.pow,
     operator.iadd, operator.isub, operator.imul, operator.itruediv,
     torch.add, torch.sub, torch.mul, torch.div, torch.neg, torch.pow, torch.exp, torch.log,
@@ -188,7 +188,7 @@ _POINTWISE_FUNCS = [
     F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid, F.leaky_relu,
     F.elu, F.mish, F.softplus, F.hardtanh, F.dropout, F.dropout1d, F.dropout2d, F.dropout3d,
 ]
-_POINTWISE_METHODS = [
+_POINTWISE_METHODS: list[RuleKey] = [
     "add", "sub", "mul", "div", "neg", "pow", "exp", "log", "sqrt", "rsqrt", "abs", "clamp",
     "sigmoid", "tanh", "relu", "add_", "mul_", "sub_", "div_", "relu_", "sigmoid_", "masked_fill",
     "float", "half", "bfloat16", "double", "to", "type", "type_as", "contiguous", "clone", "detach",

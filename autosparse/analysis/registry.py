@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
 
+from autosparse.analysis.context import OpContext
 from autosparse.errors import RegistryError
 
-Handler = Callable[[Any], None]
+Handler = Callable[[OpContext], None]
 RuleKey = type | Callable[..., Any] | str
 
 
@@ -59,9 +60,10 @@ class Registry:
     def register(self, keys: RuleKey | Iterable[RuleKey], handler: Handler) -> None:
         """Register ``handler`` for one key or several; raises :class:`RegistryError` if malformed."""
         many = isinstance(keys, (list, tuple, set, frozenset))
-        for key in keys if many else [keys]:
+        listed = cast("Iterable[RuleKey]", keys) if many else [cast(RuleKey, keys)]
+        for given in listed:
             # A @torch.library.custom_op function appears in graphs as its OpOverload.
-            key = getattr(key, "_opoverload", key)
+            key: RuleKey = getattr(given, "_opoverload", given)
             _check_key(key)
             _check_handler(key, handler)
             self._rules[key] = handler

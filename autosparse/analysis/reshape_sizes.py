@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import TypeGuard, cast
 
 import torch
 from torch import fx
@@ -42,10 +43,10 @@ def taken_apart(capture: Capture, node: fx.Node, dim: int, depth: int = 0) -> bo
         if target in _PERMUTES:
             perm = list(user.args[1]) if len(user.args) == 2 and isinstance(user.args[1], (list, tuple)) \
                 else list(user.args[1:])
-            moved = [int(d) % ndim for d in perm].index(dim)
+            moved = [_int(d) % ndim for d in perm].index(dim)
             ok = taken_apart(capture, user, moved, depth + 1)
         elif target in _TRANSPOSES:
-            a, b = int(user.args[1]) % ndim, int(user.args[2]) % ndim
+            a, b = _int(user.args[1]) % ndim, _int(user.args[2]) % ndim
             ok = taken_apart(capture, user, b if dim == a else a if dim == b else dim, depth + 1)
         elif target in _PASS:
             ok = taken_apart(capture, user, dim, depth + 1)
@@ -62,7 +63,12 @@ def taken_apart(capture: Capture, node: fx.Node, dim: int, depth: int = 0) -> bo
 
 def _dim_arg(node: fx.Node, default: int) -> int:
     value = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", default)
-    return int(value)
+    return _int(value)
+
+
+def _int(value: fx.node.Argument) -> int:
+    """``int()`` of a dim argument: a literal here, though fx types it as any graph argument."""
+    return int(cast(int, value))
 
 
 def _int_index_on(index: object, dim: int) -> bool:
@@ -95,7 +101,7 @@ def size_terms(capture: Capture, value: object, terms: SizeTerms | None = None, 
     elif value.target is operator.getitem and _is_shape(value.args[0]) and isinstance(value.args[1], int):
         terms.reads.append(_read(capture, value.args[0], value.args[1]))
     elif value.op == "call_method" and value.target == "size" and len(value.args) > 1:
-        terms.reads.append(_read(capture, value, int(value.args[1])))
+        terms.reads.append(_read(capture, value, _int(value.args[1])))
     elif value.target in _ARITH:
         for arg in value.args:
             size_terms(capture, arg, terms, depth + 1)
@@ -104,7 +110,7 @@ def size_terms(capture: Capture, value: object, terms: SizeTerms | None = None, 
     return terms
 
 
-def _is_shape(node: object) -> bool:
+def _is_shape(node: object) -> TypeGuard[fx.Node]:
     if not isinstance(node, fx.Node):
         return False
     shape_attr = node.target is getattr and node.args[1] == "shape"
@@ -112,6 +118,6 @@ def _is_shape(node: object) -> bool:
 
 
 def _read(capture: Capture, shape_node: fx.Node, dim: int) -> tuple[fx.Node, int]:
-    tensor = shape_node.args[0]
+    tensor = cast(fx.Node, shape_node.args[0])  # the tensor whose ``.shape``/``.size()`` it reads
     shape = capture.shape(tensor)
     return tensor, dim % len(shape) if shape else dim

@@ -8,6 +8,7 @@ classes autosparse does not import (Hugging Face), by class name. A fixer reads 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar, cast
 
 import torch
 from torch import nn
@@ -16,12 +17,16 @@ from autosparse.modules.mha import prunable, to_pruned
 
 Fixer = Callable[[nn.Module, dict[str, tuple[int, ...]]], None]
 FIXERS: dict[type | str, Fixer] = {}
+_ModuleT = TypeVar("_ModuleT", bound=nn.Module)
+_ClassFixer = Callable[[_ModuleT, dict[str, tuple[int, ...]]], None]  # a fixer typed for its key's class
 
 
-def fixer(*keys: type | str) -> Callable[[Fixer], Fixer]:
-    def wrap(fn: Fixer) -> Fixer:
+def fixer(*keys: type | str) -> Callable[[_ClassFixer[_ModuleT]], _ClassFixer[_ModuleT]]:
+    """Register a fixer for ``keys``; it may take the key's class (FIXERS looks it up by that class)."""
+
+    def wrap(fn: _ClassFixer[_ModuleT]) -> _ClassFixer[_ModuleT]:
         for key in keys:
-            FIXERS[key] = fn
+            FIXERS[key] = cast(Fixer, fn)  # only ever called with an instance of ``key``
         return fn
 
     return wrap
@@ -69,7 +74,7 @@ def _linear(m: nn.Linear, old: dict[str, tuple[int, ...]]) -> None:
 
 
 @fixer(nn.modules.batchnorm._NormBase)
-def _norm(m: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
+def _norm(m: nn.modules.batchnorm._NormBase, old: dict[str, tuple[int, ...]]) -> None:
     source = m.weight if m.weight is not None else m.running_mean
     m.num_features = source.shape[0]
 
@@ -100,7 +105,8 @@ def _multihead(m: nn.MultiheadAttention, old: dict[str, tuple[int, ...]]) -> Non
 
 @fixer("Conv1D")  # Hugging Face GPT-2 style (in, out) weight
 def _hf_conv1d(m: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
-    m.nx, m.nf = m.weight.shape
+    # nn.Module's __setattr__ stub admits only tensors and modules; these are plain ints at runtime
+    m.nx, m.nf = cast(torch.Tensor, m.weight).shape  # type: ignore[assignment]
 
 
 # --------------------------------------------------------------------------- attention containers
@@ -144,15 +150,19 @@ def head_layout(module: nn.Module) -> tuple[int, int, int] | None:
     head_dim = next((getattr(module, n) for n in _HEAD_DIM_NAMES if isinstance(getattr(module, n, None), int)),
                     None) or _head_dim_from_scale(module)
     q_name = next((n for n in _Q_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
-    if not head_dim or q_name is None or out_features(getattr(module, q_name)) is None:
+    if not head_dim or q_name is None:
         return None
     q = getattr(module, q_name)
-    fused = 3 if type(q).__name__ == "Conv1D" or q_name in _FUSED_QKV or "qkv" in type(q).__name__.lower() else 1
-    if out_features(q) % (fused * head_dim):
+    q_out = out_features(q)
+    if q_out is None:
         return None
-    n_q = out_features(q) // fused // head_dim
+    fused = 3 if type(q).__name__ == "Conv1D" or q_name in _FUSED_QKV or "qkv" in type(q).__name__.lower() else 1
+    if q_out % (fused * head_dim):
+        return None
+    n_q = q_out // fused // head_dim
     k = next((getattr(module, n) for n in _K_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
-    n_kv = out_features(k) // head_dim if k is not None and out_features(k) else n_q
+    k_out = out_features(k) if k is not None else None
+    n_kv = k_out // head_dim if k_out else n_q
     return head_dim, n_q, n_kv
 
 
