@@ -26,9 +26,9 @@ from torch import nn
 
 from autosparse import io
 from autosparse.api import compact, gates, sparsify
-from autosparse.compaction.record import record_of
+from autosparse.compaction.record import require_record
 from autosparse.errors import PlanMismatchError
-from autosparse.io.export import export
+from autosparse.io.export import Format, export
 from autosparse.policy import json_schema_text
 from autosparse.reporting.explain import Explanation, explain
 from autosparse.reporting.report import report
@@ -186,7 +186,7 @@ def _inspect_saved(args: argparse.Namespace) -> int:
     head = f"{args.model}: autosparse {kind} of {type(model).__name__}{step}, {_params(model):,} params"
     extra = {"path": args.model, "kind": kind, "params": _params(model)}
     if kind == "save":
-        head += f"; compacted by its plan ({len(record_of(model).groups)} groups)"
+        head += f"; compacted by its plan ({len(require_record(model).groups)} groups)"
     else:
         head += "; its stored policy"
         extra["step"] = meta.get("step")
@@ -220,7 +220,7 @@ def _compact(args: argparse.Namespace) -> int:
         io.save(small, args.out, model_spec=spec, example_inputs=io.load_inputs(args.checkpoint),
                 overwrite=args.overwrite)
         tick()
-    for name, units in record_of(small).groups.items():
+    for name, units in require_record(small).groups.items():
         print(f"{name}: {units['before']} -> {units['after']}")
     before, after = (sum(p.numel() for p in m.parameters()) for m in (net, small))
     print(f"wrote {args.out}: {after:,} params (gated model: {before:,})")
@@ -232,7 +232,7 @@ def _export(args: argparse.Namespace) -> int:
     if kind == "checkpoint":
         small = compact(small)
     inputs = _inputs(args, small, io.load_inputs(args.saved))
-    fmt = args.format or ("onnx" if args.out.endswith(".onnx") else "torch")
+    fmt: Format = args.format or ("onnx" if args.out.endswith(".onnx") else "torch")  # argparse checks choices
     with _progress("export", 1) as tick:
         path = export(small, args.out, example_inputs=inputs, format=fmt, check=not args.no_check,
                       dynamic_batch=not args.static)

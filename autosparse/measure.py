@@ -286,9 +286,12 @@ def track_peak_rss(interval_s: float = 0.005) -> Iterator[RssPeak]:
         >>> rss.delta_mb > 0  # doctest: +SKIP
         True
     """
-    start = _current_rss_mb()
-    read = peak_rss_mb if start is None else _current_rss_mb
-    start = read() if start is None else start
+    current = _current_rss_mb()
+    read: Callable[[], float | None]
+    if current is None:  # no /proc: fall back to the lifetime peak
+        read, start = peak_rss_mb, peak_rss_mb()
+    else:
+        read, start = _current_rss_mb, current
     result = RssPeak(start_mb=start, peak_mb=start, sampled=read is _current_rss_mb)
     stop = threading.Event()
 
@@ -387,7 +390,7 @@ def compare(before: Summary, after: Summary) -> str:
         ("size", before.size_bytes, after.size_bytes, lambda n: human(n, BINARY_UNITS)),
         ("latency", before.latency_ms, after.latency_ms, lambda ms: f"{ms:.2f} ms"),
     ]
-    table = [("", "before", "after", "ratio")]
+    table: list[tuple[str, ...]] = [("", "before", "after", "ratio")]
     for label, old, new, fmt in rows:
         cells = [fmt(value) if value is not None else "-" for value in (old, new)]
         table.append((label, *cells, f"{new / old:.2f}x" if old and new is not None else "-"))

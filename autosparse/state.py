@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import nn
+from torch.nn.utils.parametrize import ParametrizationList
 
 from autosparse.errors import NotSparsifiedError
 from autosparse.gating.gate import Gate
@@ -25,7 +26,7 @@ class SparsityState:
 
     plan: Plan
     policy: Policy
-    example_inputs: tuple | None
+    example_inputs: tuple  # as captured (normalize_inputs never returns None)
     example_kwargs: dict[str, Any] = field(default_factory=dict)
     gates: list[Gate] = field(default_factory=list)  # owned by the parametrizations, in plan order
     step: int = 0
@@ -86,6 +87,16 @@ def _like_model(model: nn.Module, inputs: tuple) -> tuple:
         if isinstance(t, torch.Tensor) else t
         for t in inputs
     )
+
+
+def parametrization_chains(module: nn.Module) -> dict[str, ParametrizationList]:
+    """``module.parametrizations`` (where gate sites live) as ``{attr: chain}``, typed; a fresh dict.
+
+    Raises:
+        AttributeError: ``module`` is not parametrized (as reading ``module.parametrizations`` does).
+    """
+    chains = cast(nn.ModuleDict, module.parametrizations)  # nn.Module.__getattr__ types it Tensor | Module
+    return {attr: cast(ParametrizationList, chain) for attr, chain in chains.items()}
 
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from autosparse.analysis import Role
+from autosparse.analysis.branches import Branch
 from autosparse.compaction.hf_config import sync_config
 from autosparse.compaction.layer_gates import remove_branches
 from autosparse.compaction.record import Record, attach_record
@@ -26,7 +27,7 @@ from autosparse.errors import ArgumentError, CompactionError, EquivalenceError
 from autosparse.gating.batch import unbatch_gates
 from autosparse.gating.gate import GateSite, remove_input_gating
 from autosparse.gating.kept import kept_mask, kept_masks
-from autosparse.state import SparsityState, flatten_outputs, get_state, run_model
+from autosparse.state import SparsityState, flatten_outputs, get_state, parametrization_chains, run_model
 
 
 def removed_units(state: SparsityState) -> tuple[set[int], dict[str, dict[str, int]]]:
@@ -36,7 +37,8 @@ def removed_units(state: SparsityState) -> tuple[set[int], dict[str, dict[str, i
     topped up to it with zero-gated units (exact: no unit with a non-zero gate is dropped). After
     :func:`autosparse.training.freeze`, which cuts them to a common count, that is the count itself.
     """
-    removed, summary = set(), {}
+    removed: set[int] = set()
+    summary: dict[str, dict[str, int]] = {}
     masks = kept_masks(state.gate_list(), [gg.rule for gg in state.plan.gated])
     for gg, mask in zip(state.plan.gated, masks):
         keep = set(torch.nonzero(mask).flatten().tolist())
@@ -50,7 +52,7 @@ def removed_units(state: SparsityState) -> tuple[set[int], dict[str, dict[str, i
 def _keep_one_per_producer(state: SparsityState, removed: set[int]) -> None:
     """A group can span several producers (concat parts joined by a depthwise conv); min_keep counts
     the group, so one producer could lose every output. Keep one (zero-gated, so exact) unit there."""
-    for member in state.plan.analysis.members:
+    for member in state.plan.require_analysis().members:
         if member.role != Role.PRODUCER or len(member.ids) == 0:
             continue
         roots = np.unique(member.ids)
@@ -58,9 +60,9 @@ def _keep_one_per_producer(state: SparsityState, removed: set[int]) -> None:
             removed.discard(int(roots[0]))
 
 
-def removed_branches(state: SparsityState) -> list:
+def removed_branches(state: SparsityState) -> list[Branch]:
     """Residual branches (layer granularity) whose gate is zero."""
-    out = []
+    out: list[Branch] = []
     for gg, gate in zip(state.plan.gated, state.gate_list()):
         if gg.branches:
             keep = set(torch.nonzero(kept_mask(gate, gg.rule)).flatten().tolist())
@@ -203,7 +205,7 @@ def _apply(model: nn.Module, state: SparsityState, removed: set[int]) -> Record:
 def _kept_positions(state: SparsityState, removed: set[int]) -> dict[str, dict[str, list[int]]]:
     """``Record.kept``: for every tensor and dim that loses positions, the positions it keeps."""
     by_tensor: dict[tuple[str, int], np.ndarray] = {}
-    for m in state.plan.analysis.members:
+    for m in state.plan.require_analysis().members:
         by_tensor.setdefault((m.name, m.dim), m.ids)
     removed_arr = np.fromiter(removed, dtype=np.int64, count=len(removed))
     size = max([int(ids.max()) for ids in by_tensor.values() if len(ids)] + [int(removed_arr.max(initial=0))]) + 1
@@ -223,10 +225,10 @@ def _kept_positions(state: SparsityState, removed: set[int]) -> dict[str, dict[s
 def _replaced_tensors(model: nn.Module, kept: dict[str, dict[str, list[int]]]) -> list[torch.Tensor]:
     """The tensors compaction replaces by new ones: the weights under gate sites only (folded out
     of place by :func:`_fold`) and the plain tensors it slices (``slice_tensor`` makes new ones)."""
-    out = []
+    out: list[torch.Tensor] = []
     for module in model.modules():
         if parametrize.is_parametrized(module):
-            out += [chain.original for chain in module.parametrizations.values()
+            out += [chain.original for chain in parametrization_chains(module).values()
                     if chain.is_tensor and all(isinstance(p, GateSite) for p in chain)]
     for name in kept:
         owner_name, _, attr = name.rpartition(".")

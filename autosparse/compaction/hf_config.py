@@ -52,10 +52,12 @@ def register_directory_writer(writer: Callable[[nn.Module, Path], None]) -> None
 
 # ------------------------------------------------------------------------------------------ widths
 def _mlp_widths(model: nn.Module) -> set[int]:
-    widths = set()
+    widths: set[int] = set()
     for name, module in model.named_modules():
-        if (name.rpartition(".")[2] in _MLP_IN or name.endswith(_MLP_IN_PATHS)) and out_features(module):
-            widths.add(out_features(module))
+        if name.rpartition(".")[2] in _MLP_IN or name.endswith(_MLP_IN_PATHS):
+            width = out_features(module)
+            if width:
+                widths.add(width)
     return widths
 
 
@@ -126,11 +128,11 @@ def sync_config(model: nn.Module) -> dict[str, int]:
     candidates = [uniform, _uniform_widths(model, config, add_head_dim=True)]
     candidates += [{**uniform, **edit} for edit in _single_width_edits(model, _with(config, uniform))]
     reason = None
-    for edits in dict.fromkeys(map(lambda e: tuple(sorted(e.items())), candidates)):
-        reason = config_mismatch(model, _with(config, dict(edits)))
+    for items in dict.fromkeys(map(lambda e: tuple(sorted(e.items())), candidates)):
+        reason = config_mismatch(model, _with(config, dict(items)))
         if reason is None:
             break
-    edits = dict(edits) if reason is None else uniform
+    edits = dict(items) if reason is None else uniform
     for key, value in edits.items():
         setattr(config, key, value)
     if reason is None:
@@ -225,7 +227,8 @@ def refusing_config(model: nn.Module, reason: str) -> dict[str, Any]:
     that quotes it, before any weight is read. The true dtype and the reason are under
     ``"autosparse"``. ``autosparse.load`` never reads ``config.json`` (the plan holds the config).
     """
-    out = json.loads(model.config.to_json_string(use_diff=False))
+    config: Any = model.config  # a transformers config; nn.Module.__getattr__ types it Tensor | Module
+    out = json.loads(config.to_json_string(use_diff=False))
     dtype = next((str(p.dtype).rpartition(".")[2] for p in model.parameters()), None)
     message = (f"autosparse: transformers cannot rebuild this pruned {type(model).__name__} from its "
                f"config.json; load the directory with autosparse.load(directory)")
@@ -241,7 +244,8 @@ def mark_inexpressible(model: nn.Module) -> None:
     # an instance attribute, not a config field: nothing in a config is both inert in memory and fatal on
     # load, and transformers rewrites dtype/architectures during save_pretrained. A partial pickles and
     # deep-copies with the model (bound to the copy).
-    model.save_pretrained = functools.partial(_save_pretrained_refusing, model)
+    model.save_pretrained = functools.partial(  # type: ignore[assignment]  # nn.Module.__setattr__ takes any value
+        _save_pretrained_refusing, model)
 
 
 def unmark(model: nn.Module) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 
 from autosparse.errors import warn
@@ -79,7 +81,7 @@ def _drop_empty_layers(target: nn.Module, state: SparsityState, replaced: set[st
             dropped.append(parent)
     for parent in sorted(dropped, key=lambda p: -int(p.rpartition(".")[2])):
         owner_name, _, index = parent.rpartition(".")
-        del target.get_submodule(owner_name)[int(index)]
+        del cast(nn.ModuleList, target.get_submodule(owner_name))[int(index)]  # a ModuleList: checked above
     if dropped:
         renumber_layers(target, {int(p.rpartition(".")[2]) for p in dropped})
     return dropped
@@ -97,4 +99,4 @@ def renumber_layers(target: nn.Module, dropped: set[int]) -> None:
             for i, layer in enumerate(module):
                 for sub in layer.modules():
                     if isinstance(getattr(sub, "layer_idx", None), int):
-                        sub.layer_idx = i
+                        sub.layer_idx = i  # type: ignore[assignment]  # nn.Module.__setattr__ takes any value

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from autosparse.errors import NotSparsifiedError
+
 RECORD_ATTR = "_autosparse_record"
 
 
@@ -27,13 +29,26 @@ class Record:
     dropped_layers: list[str] = field(default_factory=list)  # ModuleList entries removed whole
     config_changes: dict[str, int] = field(default_factory=dict)  # Hugging Face config keys rewritten
     base_config: dict | None = None  # the Hugging Face config before compaction (to rebuild the base)
-    base_shapes: dict = field(default_factory=dict)  # tensor shapes of the base model (fit check)
+    base_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # tensor shapes of the base model (fit check)
 
 
 def record_of(model: nn.Module) -> Record | None:
     """The :class:`Record` of the compaction (or load) that produced ``model``; None for any other model."""
     record = model.__dict__.get(RECORD_ATTR)
     return record if isinstance(record, Record) else None
+
+
+def require_record(model: nn.Module) -> Record:
+    """The :class:`Record` of ``model``, which must come from ``compact`` or ``load``.
+
+    Raises:
+        NotSparsifiedError: ``model`` has no compaction record (it was not compacted by autosparse).
+    """
+    record = record_of(model)
+    if record is None:
+        raise NotSparsifiedError(f"{type(model).__name__} has no compaction record; expected a model returned by "
+                                 "autosparse.compact() or autosparse.load()")
+    return record
 
 
 def attach_record(model: nn.Module, record: Record) -> None:

@@ -18,7 +18,7 @@ import json
 import operator
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ def architecture(model: nn.Module) -> Shapes:
 def base_config(model: nn.Module) -> dict[str, Any] | None:
     """A Hugging Face model's config as a dict (what rebuilds the base model), or None."""
     config = getattr(model, "config", None)
-    return copy.deepcopy(config.to_dict()) if hasattr(config, "to_dict") else None
+    return copy.deepcopy(config.to_dict()) if config is not None and hasattr(config, "to_dict") else None
 
 
 def architecture_hash(shapes: Mapping[str, tuple[int, ...] | list[int]]) -> str:
@@ -204,6 +204,6 @@ def replay_layers(model: nn.Module, replaced: Mapping[str, int], dropped: Sequen
         setattr(model.get_submodule(parent), attr, stand_in)
     for name in sorted(dropped, key=lambda d: -int(d.rpartition(".")[2])):
         owner, _, index = name.rpartition(".")
-        del model.get_submodule(owner)[int(index)]
+        del cast(nn.ModuleList, model.get_submodule(owner))[int(index)]  # a ModuleList: check_layers
     if dropped:
         renumber_layers(model, {int(d.rpartition(".")[2]) for d in dropped})

@@ -86,7 +86,7 @@ def load_mnist1d() -> Dataset:
     return Dataset("mnist1d", *_tensors(xtr, raw["y"], xte, raw["y_test"]), num_classes=10)
 
 
-def _tensors(xtr, ytr, xte, yte) -> tuple[torch.Tensor, ...]:
+def _tensors(xtr, ytr, xte, yte) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return (
         torch.from_numpy(np.ascontiguousarray(xtr)),
         torch.as_tensor(ytr, dtype=torch.long),

@@ -28,7 +28,7 @@ from torch import nn
 
 import autosparse
 from autosparse import training
-from autosparse.compaction.record import record_of
+from autosparse.compaction.record import require_record
 from autosparse.demo.data import Dataset, load_digits
 from autosparse.io.format import atomic_dir
 from autosparse.measure import Summary, compare, count_flops, count_params, measure_latency, model_size_bytes
@@ -288,10 +288,10 @@ def run(
     acc_before, acc_after = accuracy(net, data.x_test, data.y_test), accuracy(small, data.x_test, data.y_test)
     acc_dense = _baseline_result(future, widths, epochs, seed) if baseline else None
     before, after = _summary(dense, example), _summary(small, example)
-    target = net._autosparse.policy.target
+    target = get_state(net).policy.target
     landed = after.flops / before.flops
     out(f"trained in {seconds:.1f} s\n\nlearned widths:")
-    out(widths_table(record_of(small).groups, dense))
+    out(widths_table(require_record(small).groups, dense))
     out("\n" + compare(before, after))
     out(_accuracy_line(acc_dense, acc_before, acc_after))
     status = "within" if abs(landed - budget) <= target.tolerance else "OUTSIDE"
@@ -310,7 +310,7 @@ def run(
         "accuracy_after": acc_after,
         "before": before.to_dict(),
         "after": after.to_dict(),
-        "widths": record_of(small).groups,
+        "widths": require_record(small).groups,
         "train_seconds": seconds,
     }
     if out_dir is not None:

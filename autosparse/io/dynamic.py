@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from autosparse.errors import ExportError
+
 BATCH = "batch"
 
 
@@ -147,6 +149,8 @@ def _one(value: torch.Tensor, dim: int, marker: Any, sizes: dict | None, collect
                                                                   getattr(marker, "max", None), set()))
             found[_key(marker, dim)] = (size, low, high, at | {dim})
         return value
+    if sizes is None:  # _walk is given either sizes to resize to or a collection to fill, never neither
+        raise ExportError("dynamic shapes: neither sizes nor a collection was given to resize the inputs")
     new = marker.fn(sizes[_key(root, 0)]) if root is not None else sizes.get(_key(marker, dim), value.shape[dim])
     if new == value.shape[dim]:
         return value

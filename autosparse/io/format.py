@@ -49,9 +49,11 @@ def library_versions() -> dict[str, str | None]:
     try:
         import transformers
     except ImportError:
-        transformers = None
+        transformers_version = None
+    else:
+        transformers_version = getattr(transformers, "__version__", None)
     return {"autosparse": _version("autosparse"), "torch": torch.__version__,
-            "transformers": getattr(transformers, "__version__", None), "python": platform.python_version()}
+            "transformers": transformers_version, "python": platform.python_version()}
 
 
 @contextlib.contextmanager

@@ -47,6 +47,11 @@ def write_hf_config(model: nn.Module, record: Any, root: Path) -> dict[str, Any]
             "config_changes": dict(getattr(record, "config_changes", None) or {})}
 
 
+def _hf_config(model: nn.Module) -> Any:
+    """``model.config``, a transformers config (``nn.Module.__getattr__`` types it ``Tensor | Module``)."""
+    return model.config
+
+
 def _base_config(model: nn.Module, record: Any, base_shapes: Mapping | None) -> dict | None:
     """The config of the base model, verified to rebuild ``base_shapes``; None when it cannot be told.
 
@@ -56,10 +61,10 @@ def _base_config(model: nn.Module, record: Any, base_shapes: Mapping | None) -> 
     if saved is None:  # a record from before the snapshot existed: only an untouched config will do
         if getattr(record, "config_changes", None) or getattr(record, "dropped_layers", None):
             return None
-        saved = model.config.to_dict()
+        saved = _hf_config(model).to_dict()
     if base_shapes is None:
         return saved
-    fresh = on_meta(type(model), type(model.config).from_dict(copy.deepcopy(saved)))
+    fresh = on_meta(type(model), type(_hf_config(model)).from_dict(copy.deepcopy(saved)))
     return saved if not isinstance(fresh, str) and architecture(fresh) == dict(base_shapes) else None
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from autosparse.errors import PlanMismatchError, warn
 from autosparse.gating.gate import Gate, GateSite
-from autosparse.state import SparsityState, get_state, unwrap
+from autosparse.state import SparsityState, get_state, parametrization_chains, unwrap
 
 
 def materialize(net: nn.Module, state_dict: Mapping[str, torch.Tensor] | None = None, *,
@@ -133,7 +133,7 @@ def _rebuild_site_indices(net: nn.Module, state: SparsityState) -> None:
     for (name, dim), (_, index) in state.plan.site_indices().items():
         owner_name, _, attr = name.rpartition(".")
         owner = net.get_submodule(owner_name)
-        sites = [s for s in owner.parametrizations[attr] if isinstance(s, GateSite) and s.dim == dim]
+        sites = [s for s in parametrization_chains(owner)[attr] if isinstance(s, GateSite) and s.dim == dim]
         for site in sites:
             site.index.copy_(torch.as_tensor(index, dtype=torch.long))
 
@@ -161,7 +161,11 @@ def _fill_non_persistent(net: nn.Module, state_dict: Mapping[str, torch.Tensor] 
     left, initialised = [], set()
     for key, (module, name) in _non_persistent(net).items():
         if key in given:
-            module._buffers[name].copy_(given[key])
+            buffer = module._buffers[name]
+            if buffer is None:  # listed because it was set: only an initialiser run since could unset it
+                raise PlanMismatchError(f"materialize: the non-persistent buffer {key!r} was set to None while "
+                                        "its module was initialised; it cannot take the given value")
+            buffer.copy_(given[key])
         elif callable(init):
             if id(module) not in initialised:
                 init(module)

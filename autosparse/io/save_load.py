@@ -219,7 +219,7 @@ def _saved_record(root: Path, plan: Mapping[str, Any]) -> dict[str, Any]:
     return record_data
 
 
-def _attach_record(model: nn.Module, record_data: Mapping[str, Any], base_shapes: Mapping[str, Any],
+def _attach_record(model: nn.Module, record_data: Mapping[str, Any], base_shapes: dict[str, tuple[int, ...]],
                    hf: Mapping[str, Any]) -> Record:
     """Give the loaded model the Record that compact() would have, so it can be saved or explained again."""
     record = Record(kept=record_data["kept"], groups=record_data.get("groups", {}),

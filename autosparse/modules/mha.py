@@ -122,7 +122,8 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
         # One packed projection, chunked: the analysis reads rows [0:w), [w:2w), [2w:3w) of
         # in_proj_weight as query, key and value features of the same heads.
         if self_attention:
-            return F.linear(q, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+            query, key, value = F.linear(q, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+            return query, key, value
         return (F.linear(q, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)[0],
                 F.linear(k, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)[1],
                 F.linear(v, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)[2])

@@ -22,7 +22,7 @@ import operator
 import os
 import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeGuard, cast
 
 import yaml
 from yaml.constructor import ConstructorError
@@ -159,6 +159,14 @@ def _describe(name: str, error: yaml.YAMLError) -> str:
 Check = Callable[[Any, "At"], Any]
 
 
+class SchemaCheck(Protocol):
+    """A :data:`Check` that carries the JSON Schema fragment of what it accepts (see :func:`with_schema`)."""
+
+    json_schema: dict[str, Any]
+
+    def __call__(self, value: Any, at: At, /) -> Any: ...
+
+
 class At:
     """Where a value sits: its key path and, for YAML input, its file and 1-based line."""
 
@@ -189,12 +197,13 @@ class At:
 # Each check takes (value, where) and returns the normalised value or raises PolicyError.
 
 
-def is_int(value: object) -> bool:
+def is_int(value: object) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)  # YAML `true` is not 1
 
 
 def is_real(value: object) -> bool:
-    return (is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    # int or float, but not bool: the same as `is_int(value) or isinstance(value, float)`
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def number_hint(value: object, want_int: bool = False) -> str:
@@ -218,7 +227,7 @@ def did_you_mean(value: object, allowed: Sequence[str]) -> str:
     return f"; did you mean {close[0]!r}?" if close else ""
 
 
-def with_schema(fragment: dict[str, Any]) -> Callable[[Check], Check]:
+def with_schema(fragment: dict[str, Any]) -> Callable[[Check], SchemaCheck]:
     """Attach the JSON Schema of what a check accepts; :func:`autosparse.policy.json_schema` reads it.
 
     The factories below derive both the check and its fragment from one set of bounds; a
@@ -231,9 +240,10 @@ def with_schema(fragment: dict[str, Any]) -> Callable[[Check], Check]:
         {'const': 1}
     """
 
-    def attach(check: Check) -> Check:
-        check.json_schema = fragment  # type: ignore[attr-defined]
-        return check
+    def attach(check: Check) -> SchemaCheck:
+        checked = cast(SchemaCheck, check)
+        checked.json_schema = fragment
+        return checked
 
     return attach
 
@@ -241,7 +251,7 @@ def with_schema(fragment: dict[str, Any]) -> Callable[[Check], Check]:
 _BOUNDS = {"gt": "exclusiveMinimum", "ge": "minimum", "lt": "exclusiveMaximum", "le": "maximum"}
 
 
-def _range_text(bounds: dict[str, float]) -> str:
+def _range_text(bounds: Mapping[str, float]) -> str:
     """``in (0, 0.5]`` or ``>= 1``: the bounds as the error messages and the docs write them."""
     lo = next(((k, v) for k, v in bounds.items() if k in ("gt", "ge")), None)
     hi = next(((k, v) for k, v in bounds.items() if k in ("lt", "le")), None)
@@ -251,11 +261,11 @@ def _range_text(bounds: dict[str, float]) -> str:
     return " ".join(f"{op[k]} {v:g}" for k, v in bounds.items())
 
 
-def _within(value: float, bounds: dict[str, float]) -> bool:
+def _within(value: float, bounds: Mapping[str, float]) -> bool:
     return all(getattr(operator, k)(value, v) for k, v in bounds.items())
 
 
-def _bounded(kind: str, noun: str, null: bool, bounds: dict[str, float]) -> Check:
+def _bounded(kind: str, noun: str, null: bool, bounds: Mapping[str, float]) -> SchemaCheck:
     """One number check and its schema from one set of bounds (``gt``/``ge``/``lt``/``le``)."""
     expected = f"{'null or ' if null else ''}{noun} {_range_text(bounds)}"
     is_ok = is_int if kind == "integer" else is_real
@@ -272,17 +282,17 @@ def _bounded(kind: str, noun: str, null: bool, bounds: dict[str, float]) -> Chec
     return check
 
 
-def integer(*, null: bool = False, **bounds: int) -> Check:
+def integer(*, null: bool = False, **bounds: int) -> SchemaCheck:
     """An integer within ``bounds`` (``ge=1``); ``null`` also takes None. Message: ``an integer >= 1``."""
     return _bounded("integer", "an integer", null, bounds)
 
 
-def real(*, noun: str = "a number", null: bool = False, **bounds: float) -> Check:
+def real(*, noun: str = "a number", null: bool = False, **bounds: float) -> SchemaCheck:
     """A finite number within ``bounds`` (``gt=0, lt=1``), returned as a float: ``a number in (0, 1)``."""
     return _bounded("number", noun, null, bounds)
 
 
-def choice(allowed: Sequence[str], convert: Callable[[str], Any] = str) -> Check:
+def choice(allowed: Sequence[str], convert: Callable[[str], Any] = str) -> SchemaCheck:
     @with_schema({"type": "string", "enum": list(allowed)})
     def check(value: Any, at: At) -> Any:
         if isinstance(value, str) and value in allowed:
@@ -292,7 +302,7 @@ def choice(allowed: Sequence[str], convert: Callable[[str], Any] = str) -> Check
     return check
 
 
-def boolean() -> Check:
+def boolean() -> SchemaCheck:
     """``true`` or ``false``; a quoted ``"true"`` or a 0/1 gets a hint. Message: ``true or false``."""
 
     @with_schema({"type": "boolean"})
@@ -310,7 +320,7 @@ NON_BLANK = {"type": "string", "pattern": "\\S"}  # what `item.strip()` below ac
 
 
 def strings(what: str, *, wrap_str: bool = False, non_empty: bool = False,
-            item: dict[str, Any] = NON_BLANK) -> Check:
+            item: dict[str, Any] = NON_BLANK) -> SchemaCheck:
     """A list of non-empty strings (globs or class names); ``wrap_str`` also takes one bare string.
     ``item`` is the JSON Schema of one string (the caller's own check may narrow it further)."""
     array: dict[str, Any] = {"type": "array", "items": item, **({"minItems": 1} if non_empty else {})}
@@ -332,7 +342,7 @@ def strings(what: str, *, wrap_str: bool = False, non_empty: bool = False,
     return check
 
 
-def section(cls: type[Validated]) -> Check:
+def section(cls: type[Validated]) -> SchemaCheck:
     """A nested section: an instance as is, a mapping parsed, ``None`` for all defaults."""
 
     @with_schema({"anyOf": [{"$ref": f"#/$defs/{cls.__name__}"}, {"type": "null"}]})
@@ -347,7 +357,7 @@ def section(cls: type[Validated]) -> Check:
 # ----------------------------------------------------------------------------- construction
 
 
-def yaml_key(cls: type, attr: str) -> str:
+def yaml_key(cls: type[Validated], attr: str) -> str:
     return cls._YAML_KEYS.get(attr, attr)
 
 
@@ -382,6 +392,8 @@ class Validated:
     _CHECKS: ClassVar[dict[str, Check]] = {}
     _YAML_KEYS: ClassVar[dict[str, str]] = {}  # dataclass field -> YAML key, where they differ
     _REQUIRED_HINT: ClassVar[str] = ""
+    if TYPE_CHECKING:  # set by @dataclass on every subclass; declared so dataclasses.fields() accepts them
+        __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
 
     def __post_init__(self) -> None:
         at = At(type(self).__name__)

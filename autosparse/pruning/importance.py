@@ -31,10 +31,12 @@ from torch.nn.utils import parametrize
 from autosparse.analysis import Role
 from autosparse.errors import ArgumentError
 from autosparse.gating.batch import batch_gates, unbatch_gates
-from autosparse.state import SparsityState, get_state
+from autosparse.state import SparsityState, get_state, parametrization_chains
 
 IMPORTANCES: tuple[str, ...] = ("l1", "l2", "taylor", "random")
 LossFn = Callable[[Any, Any], torch.Tensor]
+_TAYLOR_NEEDS_DATA = ("importance='taylor' needs data=[(inputs, target), ...] (a few batches, e.g. a DataLoader) "
+                      "to take gradients on; pass data, or use importance='l2'")
 
 
 def check_importance(importance: str, data: Iterable | None, loss_fn: LossFn | None) -> None:
@@ -46,8 +48,7 @@ def check_importance(importance: str, data: Iterable | None, loss_fn: LossFn | N
     if importance not in IMPORTANCES:
         raise ArgumentError(f"importance: got {importance!r}, expected one of {', '.join(map(repr, IMPORTANCES))}")
     if importance == "taylor" and data is None:
-        raise ArgumentError("importance='taylor' needs data=[(inputs, target), ...] (a few batches, e.g. a "
-                            "DataLoader) to take gradients on; pass data, or use importance='l2'")
+        raise ArgumentError(_TAYLOR_NEEDS_DATA)
     if loss_fn is not None and not callable(loss_fn):
         raise ArgumentError(f"loss_fn: got a {type(loss_fn).__name__}, expected a callable (outputs, target) -> loss")
 
@@ -79,6 +80,8 @@ def unit_importance(net: nn.Module, importance: str = "l2", *, data: Iterable | 
         generator = torch.Generator().manual_seed(int(seed))
         return [torch.rand(len(gg.units), generator=generator, dtype=torch.float64) for gg in state.plan.gated]
     if importance == "taylor":
+        if data is None:  # refused by check_importance above; checked again for the type
+            raise ArgumentError(_TAYLOR_NEEDS_DATA)
         return _taylor(net, state, data, loss_fn or default_loss)
     return _magnitude(net, state, 1.0 if importance == "l1" else 2.0)
 
@@ -126,7 +129,7 @@ def _weight(net: nn.Module, name: str) -> torch.Tensor | None:
     except AttributeError:
         return None
     if parametrize.is_parametrized(owner, attr):
-        return owner.parametrizations[attr].original
+        return parametrization_chains(owner)[attr].original
     value = getattr(owner, attr, None)
     return value if isinstance(value, nn.Parameter) else None  # never a buffer such as running_var
 

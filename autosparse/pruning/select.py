@@ -155,7 +155,8 @@ def _moves(cluster: int, members: list[tuple[int, _Group]], kept: torch.Tensor, 
     alive = [[j for j in g.order if kept[g.lo + j] > 0] for _, g in members]
     rule = members[0][1].rule
     floor = max(rule.kept_count(0, g.hi - g.lo) for _, g in members)
-    moves, count, best = [], max(len(a) for a in alive), 0.0
+    moves: list[_Move] = []
+    count, best = max(len(a) for a in alive), 0.0
     while True:
         nxt = ((count - 1) // rule.round_to) * rule.round_to  # the next smaller width the rule allows
         if count == 0 or nxt < floor:

@@ -143,17 +143,18 @@ def explain(model: nn.Module, *, example_inputs: tuple | None = None) -> Explana
     widths = {gg.name: (int(mask.sum()), gate.kept()) for gg, gate, mask in zip(state.plan.gated, state.gate_list(), masks)}
     skipped = dict(state.plan.skipped)
     wanted = {str(r.granularity) for r in state.policy.rules}
-    for g in state.plan.analysis.groups:
+    analysis = state.plan.require_analysis()
+    for g in analysis.groups:
         if g.name not in gates and g.name not in skipped and g.granularity not in wanted:
             skipped[g.name] = f"the policy has no {g.granularity} rule"
-    report = _report(state.plan.analysis, widths, skipped, dict(inner.named_modules()))
+    report = _report(analysis, widths, skipped, dict(inner.named_modules()))
     for gg, _ in (v for v in gates.values() if v[0].branches):
         kept, opened = widths[gg.name]
         report.groups.append(GroupReport(
             gg.name, "layer", len(gg.units), len(gg.units), kept, [b.module for b in gg.branches],
             [b.weight for b in gg.branches], label=f"{gg.name} ({len(gg.units)} residual branches)",
             status="gated", open=opened))
-    report.unprunable = state.plan.analysis.unprunable + state.plan.skipped
+    report.unprunable = analysis.unprunable + state.plan.skipped
     return report
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,9 +70,9 @@ class Report:
 
     def __str__(self) -> str:
         header = ("", "units", "params", "FLOPs", "size", "latency")
-        fmts = (str, lambda n: human(n, SI_UNITS), lambda n: human(n, SI_UNITS), lambda n: human(n, BINARY_UNITS),
+        fmts: tuple[Callable[[Any], str], ...] = (str, lambda n: human(n, SI_UNITS), lambda n: human(n, SI_UNITS), lambda n: human(n, BINARY_UNITS),
                 lambda ms: f"{ms:.2f} ms")
-        rows = [header]
+        rows: list[tuple[str, ...]] = [header]
         for r in [self.total, *self.groups]:
             cells = [r.name]
             for fmt, pair in zip(fmts, (r.units, r.params, r.flops, r.size_bytes, r.latency_ms)):
@@ -199,8 +200,10 @@ def _group_row(name: str, units: dict[str, int] | None, tensors: set[str], sides
     modules = _group_modules(sides[0]["model"], tensors)
     record = record_of(sides[1]["model"])
     gone = (list(getattr(record, "replaced", []) or []), list(getattr(record, "dropped_layers", []) or []))
-    params, sizes, flops = [], [], []
-    for i, side in enumerate(sides):
+    params: list[int] = []
+    sizes: list[int] = []
+    flops: list[int] = []
+    for i, side in enumerate(sides):  # before, after
         # The compacted model may have lost branches and renumbered layers: follow each name there.
         where = (lambda n: n) if i == 0 else (lambda n: moved(n, *gone))
         present = [side["tensors"].get(where(t)) for t in tensors]
@@ -209,7 +212,7 @@ def _group_row(name: str, units: dict[str, int] | None, tensors: set[str], sides
         sizes.append(sum(t.numel() * t.element_size() for t in present))
         flops.append(sum(side["module_flops"].get(where(m), 0) for m in modules))
     return Row(name, (units["before"], units["after"]) if units else None,
-               tuple(params), tuple(flops), tuple(sizes))
+               (params[0], params[1]), (flops[0], flops[1]), (sizes[0], sizes[1]))
 
 
 def _group_modules(model: nn.Module, tensors: set[str]) -> set[str]:

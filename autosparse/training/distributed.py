@@ -24,8 +24,10 @@ from autosparse.state import get_state
 
 try:  # DTensor is what FSDP2 shards parameters into; absent from builds without distributed
     from torch.distributed.tensor import DTensor, distribute_tensor
+
+    HAS_DTENSOR = True
 except ImportError:  # pragma: no cover - every supported torch build has it
-    DTensor = distribute_tensor = None
+    HAS_DTENSOR = False  # DTensor and distribute_tensor are then undefined: read them only after this
 
 
 def fsdp_ignored_params(model: nn.Module) -> set[nn.Parameter]:
@@ -39,7 +41,7 @@ def average_gate_grads(model: nn.Module) -> None:
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return
     gammas = [gate.gamma for gate in get_state(model).gate_list()]
-    if not gammas or any(DTensor is not None and isinstance(g, DTensor) for g in gammas):
+    if not gammas or any(HAS_DTENSOR and isinstance(g, DTensor) for g in gammas):
         return  # sharded by the wrapper, which reduces them itself
     flat = torch.cat([(g.grad if g.grad is not None else torch.zeros_like(g)).flatten() for g in gammas])
     dist.all_reduce(flat)
@@ -51,7 +53,7 @@ def average_gate_grads(model: nn.Module) -> None:
 def scale_(param: torch.Tensor, ratio: torch.Tensor) -> None:
     """``param *= ratio`` (``ratio`` broadcasts to ``param``), also when FSDP2 has sharded ``param``."""
     ratio = ratio.to(param.dtype)
-    if DTensor is not None and isinstance(param, DTensor):
+    if HAS_DTENSOR and isinstance(param, DTensor):
         full = ratio.to(param.device).expand(param.shape).contiguous()  # the same on every rank
         param.mul_(distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None))
     else:

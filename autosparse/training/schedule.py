@@ -22,19 +22,20 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from autosparse.errors import warn
+from autosparse.errors import PolicyError, warn
 from autosparse.gating.batch import penalty_norms
 from autosparse.gating.gate import GateSite
 from autosparse.policy.document import Schedule
-from autosparse.state import SparsityState, get_state, unwrap
+from autosparse.state import SparsityState, get_state, parametrization_chains, unwrap
 from autosparse.training.budget import (
     Controller,
     CostModel,
@@ -192,6 +193,9 @@ def step(model: nn.Module) -> None:
     record: dict[str, float] = {"step": float(state.step)}
     if tr.controller is not None:
         metric = state.policy.target.metric
+        if metric is None:  # training_state() makes a controller only for a policy with a budget
+            raise PolicyError("the policy has no target budget (target.flops / target.params) but training "
+                              "runs a budget controller; was the state's policy replaced during training?")
         cost = tr.costs[metric]
         frac = cost.fraction(cost.kept_now(state))
         soft = cost.fraction(cost.soft_kept(state))
@@ -263,23 +267,29 @@ def _normalize(model: nn.Module, state: SparsityState) -> None:
     default gate, whose gates are then all 1).
     """
     chains = [
-        module.parametrizations[attr]
+        chain
         for module in model.modules()
         if parametrize.is_parametrized(module)
-        for attr in module.parametrizations
+        for chain in parametrization_chains(module).values()
     ]
     chains = [c for c in chains if any(isinstance(site, GateSite) for site in c)]
     if not all(isinstance(site, GateSite) for c in chains for site in c):
         return  # another parametrization shares a weight with a gate: folding would not be exact
+    sites = [[site for site in c if isinstance(site, GateSite)] for c in chains]  # all of each chain
     with torch.no_grad():
-        old = [math.prod(site.multiplier() for site in c) for c in chains]
+        old = [_product(site.multiplier() for site in s) for s in sites]
         for gate in state.gate_list():
             gate.zero_((gate.values() == 0).nonzero().flatten())
             gate.gamma.fill_(getattr(gate, "open_gamma", 0.0))  # DS gate: gamma 0 is exactly 1
-        for chain, before in zip(chains, old):
-            after = math.prod(site.multiplier() for site in chain)
+        for chain, chain_sites, before in zip(chains, sites, old):
+            after = _product(site.multiplier() for site in chain_sites)
             ratio = torch.where(after != 0, before / after.where(after != 0, torch.ones_like(after)), 1.0)
             scale_(chain.original, ratio)
+
+
+def _product(factors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``math.prod`` of a chain's multipliers: never empty here, so a tensor, not the start value 1."""
+    return cast(torch.Tensor, math.prod(factors))
 
 
 def _restore(state: SparsityState, tr: TrainingState) -> None:
@@ -355,7 +365,7 @@ def attach(
         for i, gate in enumerate(state.gate_list()):
             handles.append(gate.gamma.register_post_accumulate_grad_hook(_penalty_hook(model, i)))
         tr.hooked = True
-    owns = weakref.WeakKeyDictionary()
+    owns: weakref.WeakKeyDictionary[torch.optim.Optimizer, bool] = weakref.WeakKeyDictionary()
     gammas = {id(gate.gamma) for gate in state.gate_list()}
     ref = weakref.ref(model)
 
@@ -377,7 +387,8 @@ def attach(
     return tr.attachment
 
 
-def _owns(opt: torch.optim.Optimizer, gammas: set[int], owns: weakref.WeakKeyDictionary) -> bool:
+def _owns(opt: torch.optim.Optimizer, gammas: set[int],
+          owns: weakref.WeakKeyDictionary[torch.optim.Optimizer, bool]) -> bool:
     """Whether ``opt`` holds gate parameters (cached per optimizer)."""
     if opt not in owns:
         owns[opt] = any(id(p) in gammas for group in opt.param_groups for p in group["params"])
