@@ -2,17 +2,27 @@
 
 One step = forward, loss (+ ``autosparse.penalty`` for the gated model), backward, SGD update, in
 fp32 on CPU with a fixed thread count. Gated and ungated steps alternate so that load on the
-machine hits both alike; the ratio of the minimum step times is the overhead. Target <= 1.05.
+machine hits both alike. Two statistics: the ratio of the minimum step times, and the median of the
+paired ratios (step i gated / step i ungated), which is robust to load that comes and goes.
+
+Two regimes: compute-bound (``resnet50``, ``bert_base`` at batch 8; target <= 1.05) and host-bound
+(``resnet18_narrow``: ResNet-18 layout of width 4 at batch 2, 16x16; ``bert_narrow``: BERT with
+hidden size 32, 12 layers at batch 2, sequence 8; target <= 1.25), where every op costs its Python
+dispatch and the gates' extra ops show. ``--compile`` also times both models under ``torch.compile``
+and counts graph breaks.
 
     PYTHONPATH=. python -m benchmarks.bench_gate_overhead [--models resnet50 bert_base] [--smoke]
+    PYTHONPATH=. python -m benchmarks.bench_gate_overhead --models resnet18_narrow bert_narrow [--compile]
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,8 +30,75 @@ import autosparse
 from benchmarks import common
 
 MODELS = ("resnet50", "bert_base")
+HOST_BOUND = ("resnet18_narrow", "bert_narrow")
+TARGETS = {"compute_bound": 1.05, "host_bound": 1.25, "compiled": 1.10}
 
 
+@dataclass
+class Regime:
+    """Defaults of one model: batch size, timed and warm-up steps."""
+
+    batch: int
+    repeats: int
+    warmup: int
+    target: float
+
+
+def _regime(name: str) -> Regime:
+    if name in HOST_BOUND:
+        return Regime(batch=2, repeats=60, warmup=10, target=TARGETS["host_bound"])
+    return Regime(batch=8, repeats=8, warmup=1, target=TARGETS["compute_bound"])
+
+
+# ---------------------------------------------------------------- host-bound models
+class BasicBlock(nn.Module):
+    """ResNet-18's block: two 3x3 convolutions, a 1x1 projection shortcut when the shape changes."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        project = stride != 1 or cin != cout
+        self.shortcut = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)) if project else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet18_narrow(width: int = 4) -> nn.Module:
+    """ResNet-18's layout (2 BasicBlocks per stage, widths w-2w-4w-8w) at a tiny width."""
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+    cin = width
+    for mult, stride in ((1, 1), (2, 2), (4, 2), (8, 2)):
+        layers += [BasicBlock(cin, width * mult, stride), BasicBlock(width * mult, width * mult, 1)]
+        cin = width * mult
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 10)]
+    return nn.Sequential(*layers)
+
+
+BERT_NARROW = dict(vocab_size=512, hidden_size=32, num_hidden_layers=12, num_attention_heads=4, intermediate_size=128)
+
+
+def build(name: str, args: Any) -> common.Built:
+    """The benchmark model ``name``: a host-bound one defined here, else :func:`common.build`."""
+    if name == "resnet18_narrow":
+        torch.manual_seed(0)
+        gen = torch.Generator().manual_seed
+        net = common.bn_stats(resnet18_narrow())
+        return common.Built(name, net, "cnn", lambda b: torch.randn(b, 3, 16, 16, generator=gen(b)))
+    if name == "bert_narrow":
+        net = common.hf_model("BertModel", BERT_NARROW)
+        size = BERT_NARROW["vocab_size"]
+        return common.Built(name, net, "encoder", lambda b: torch.randint(0, size, (b, 8), generator=torch.Generator().manual_seed(b)))
+    return common.build(name, smoke=args.smoke, image=args.image, seq=args.seq)
+
+
+# ---------------------------------------------------------------- timing
 def make_step(model: nn.Module, x: torch.Tensor, gated: bool) -> Callable[[], None]:
     opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
 
@@ -40,70 +117,107 @@ def make_step(model: nn.Module, x: torch.Tensor, gated: bool) -> Callable[[], No
     return step
 
 
+def time_pair(steps: dict[str, Callable[[], None]], repeats: int, warmup: int, threads: int) -> dict[str, Any]:
+    """Alternate the steps; per step the summary of :func:`common.summarize_ms`, plus both ratios."""
+    wall: dict[str, list[float]] = {k: [] for k in steps}
+    cpu: dict[str, list[float]] = {k: [] for k in steps}
+    with common.num_threads(threads):
+        for i in range(warmup + repeats):
+            for key, step in steps.items():
+                w, c = common.timed_ms(step)
+                if i >= warmup:
+                    wall[key].append(w)
+                    cpu[key].append(c)
+    stats = {k: common.summarize_ms(wall[k], cpu[k]) for k in steps}
+    paired = np.asarray(cpu["gated"]) / np.maximum(np.asarray(cpu["ungated"]), 1e-9)
+    return {
+        "step_ms": stats,
+        "overhead": round(stats["gated"]["ms"] / stats["ungated"]["ms"], 4),  # ratio of the minima
+        "overhead_median_paired": round(float(np.median(paired)), 4),
+        "overhead_wall": round(stats["gated"]["wall_min_ms"] / stats["ungated"]["wall_min_ms"], 4),
+    }
+
+
+def graph_breaks(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """``torch._dynamo.explain`` of one forward: graph and break counts, the first break reasons."""
+    torch._dynamo.reset()
+    report = torch._dynamo.explain(model)(x)
+    reasons = [str(b.reason).splitlines()[0] for b in report.break_reasons]
+    return {"graphs": report.graph_count, "breaks": report.graph_break_count, "reasons": reasons[:5]}
+
+
+def bench_compiled(plain: nn.Module, gated: nn.Module, x: torch.Tensor, regime: Regime, args: Any) -> dict[str, Any]:
+    result = {"graph_breaks": {"ungated": graph_breaks(plain, x), "gated": graph_breaks(gated, x)}}
+    torch._dynamo.reset()
+    steps = {"ungated": make_step(torch.compile(plain), x, False), "gated": make_step(torch.compile(gated), x, True)}
+    result.update(time_pair(steps, regime.repeats, max(regime.warmup, 3), args.threads))
+    return result
+
+
 def bench_model(name: str, args: Any) -> dict[str, Any]:
-    built = common.build(name, smoke=args.smoke, image=args.image, seq=args.seq)
-    x = built.make_input(args.batch)
+    regime = _regime(name)
+    if args.smoke:
+        regime = Regime(batch=2, repeats=2, warmup=1, target=regime.target)
+    regime.batch = args.batch or regime.batch
+    regime.repeats = args.repeats or regime.repeats
+    regime.warmup = regime.warmup if args.warmup is None else args.warmup
+    built = build(name, args)
+    x = built.make_input(regime.batch)
     plain = copy.deepcopy(built.model).train()
     gated = autosparse.sparsify(
         built.model, common.policy_for(built.family), example_inputs=built.inputs(1)
     ).train()
     steps = {"ungated": make_step(plain, x, False), "gated": make_step(gated, x, True)}
-    wall: dict[str, list[float]] = {k: [] for k in steps}
-    cpu: dict[str, list[float]] = {k: [] for k in steps}
-    with common.num_threads(args.threads):
-        for i in range(args.warmup + args.repeats):
-            for key, step in steps.items():
-                w, c = common.timed_ms(step)
-                if i >= args.warmup:
-                    wall[key].append(w)
-                    cpu[key].append(c)
-    stats = {k: common.summarize_ms(wall[k], cpu[k]) for k in steps}
     n_sites = sum(1 for m in gated.modules() if type(m).__name__ == "GateSite")
-    return {
+    result = {
         "family": built.family,
-        "batch": args.batch,
+        "regime": "host_bound" if name in HOST_BOUND else "compute_bound",
+        "batch": regime.batch,
+        "repeats": regime.repeats,
+        "target": regime.target,
         "gates": len(autosparse.gates(gated)),
         "sites": n_sites,
-        "step_ms": stats,
-        "overhead": round(stats["gated"]["ms"] / stats["ungated"]["ms"], 4),
-        "overhead_wall": round(stats["gated"]["wall_min_ms"] / stats["ungated"]["wall_min_ms"], 4),
+        **time_pair(steps, regime.repeats, regime.warmup, args.threads),
     }
+    if args.compile:
+        result["compiled"] = bench_compiled(plain, gated, x, regime, args)
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = common.base_parser(__doc__.splitlines()[0])
     parser.add_argument(
-        "--models", nargs="+", default=list(MODELS), choices=MODELS + ("mobilenet_v2", "llama_small")
+        "--models", nargs="+", default=list(MODELS), choices=MODELS + HOST_BOUND + ("mobilenet_v2", "llama_small")
     )
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--image", type=int, default=128, help="CNN input resolution")
-    parser.add_argument("--seq", type=int, default=128, help="transformer sequence length")
-    parser.add_argument("--repeats", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--batch", type=int, default=None, help="default: 8 (compute-bound), 2 (host-bound)")
+    parser.add_argument("--image", type=int, default=128, help="CNN input resolution (compute-bound models)")
+    parser.add_argument("--seq", type=int, default=128, help="transformer sequence length (compute-bound models)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed steps; default 8 (compute-bound), 60 (host-bound)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first; default 1 / 10")
+    parser.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
+    parser.add_argument("--name", default="gate_overhead", help="result file name (without .json)")
     args = parser.parse_args(argv)
-    if args.smoke:
-        args.batch, args.repeats, args.warmup = 2, 2, 1
     payload: dict[str, Any] = {
         "benchmark": "gate_overhead",
         "smoke": args.smoke,
         "stamp": common.stamp(args.threads),
         "settings": {
-            "batch": args.batch,
             "image": args.image,
             "seq": args.seq,
-            "repeats": args.repeats,
-            "warmup": args.warmup,
             "optimizer": "SGD(momentum)",
-            "statistic": "min CPU time over alternating steps",
+            "statistic": "overhead: min gated / min ungated CPU step time; overhead_median_paired: "
+                         "median over alternating steps of gated / ungated CPU time",
         },
-        "target": 1.05,
+        "targets": TARGETS,
         "models": {},
     }
     for name in args.models:
-        payload["models"][name] = bench_model(name, args)
-        print(f"[gate_overhead] {name}: {payload['models'][name]['overhead']}", flush=True)
+        row = payload["models"][name] = bench_model(name, args)
+        print(f"[gate_overhead] {name}: min {row['overhead']} median paired {row['overhead_median_paired']}"
+              + (f" compiled {row['compiled']['overhead']} / {row['compiled']['overhead_median_paired']}"
+                 if "compiled" in row else ""), flush=True)
     payload["stamp"]["loadavg_1m_end"] = common.stamp()["loadavg_1m"]
-    common.write_result("gate_overhead", payload, args.out)
+    common.write_result(args.name, payload, args.out)
     return payload
 
 

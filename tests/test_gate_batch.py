@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from torch.nn.utils import parametrize
 
 import autosparse
 from autosparse.gating.batch import _StartForward, unbatch_gates
@@ -99,3 +100,50 @@ def test_batched_penalty_equals_the_per_gate_sum_with_the_same_gradients():
     for g, grad in zip(gates, got):
         assert torch.isfinite(grad).all()
         assert torch.allclose(grad, g.gamma.grad, rtol=1e-5, atol=1e-10), g.name
+
+
+def _reference_grads(net, inputs) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Output and gradients through torch's own parametrization path, each gate computed alone:
+    under ``parametrize.cached()`` the lean getters and the gated forwards of ``fast_paths`` stand aside."""
+    unbatch_gates(net)
+    net.zero_grad(set_to_none=True)
+    with parametrize.cached():
+        out = output_tensors(net(*inputs))[0]
+    out.square().mean().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("name", ["resnet_bottleneck", "hf_bert", "hf_llama", "conv1d"])
+def test_fast_paths_equal_torch_parametrization_in_values_and_gradients(name):
+    net, inputs = _gated(name)
+    net.train()
+    twin = copy.deepcopy(net)
+    net.zero_grad(set_to_none=True)
+    out = output_tensors(net(*inputs))[0]
+    out.square().mean().backward()
+    grads = {n: p.grad for n, p in net.named_parameters() if p.grad is not None}
+    ref_out, ref_grads = _reference_grads(twin, inputs)
+    torch.testing.assert_close(out.detach(), ref_out, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and any("gamma" in n for n in grads)
+    for n, grad in grads.items():  # gammas and the weights under the gates (parametrizations...original)
+        torch.testing.assert_close(grad, ref_grads[n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_fast_paths_keep_torch_parametrize_structure():
+    model, inputs = get_case("resnet_bottleneck").build()
+    keys = set(autosparse.sparsify(copy.deepcopy(model), POLICY, example_inputs=inputs).state_dict())
+    net = autosparse.sparsify(model, POLICY, example_inputs=inputs)
+    assert set(net.state_dict()) == keys and any(k.endswith("parametrizations.weight.original") for k in keys)
+    owner = next(m for m in net.modules() if parametrize.is_parametrized(m, "weight") and "forward" in m.__dict__)
+    gated = owner.weight.detach().clone()
+    parametrize.remove_parametrizations(owner, "weight", leave_parametrized=True)
+    assert not parametrize.is_parametrized(owner)
+    assert torch.equal(owner.weight, gated)
+
+
+def test_gated_forward_has_no_graph_break_under_torch_compile():
+    net, inputs = _gated()
+    net.train()
+    torch._dynamo.reset()
+    report = torch._dynamo.explain(net)(*inputs)
+    assert report.graph_break_count == 0, [str(b.reason).splitlines()[0] for b in report.break_reasons]

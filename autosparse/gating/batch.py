@@ -9,49 +9,96 @@ row softmax, one threshold) and lends each gate its row for the duration of that
 hook that always runs (also on error) takes them back. Outside a forward, a gate computes its values
 alone, as before, so folding, ``kept()`` and the penalty are unchanged.
 
+The same batch hands every :class:`~autosparse.gating.gate.GateSite` its multiplier, already shaped
+for broadcasting against its weight (``(1, n, 1, 1)`` for a convolution's input dim): one gather,
+one view and one split for all sites of a shape, instead of a view (or a gather, for heads) per
+site, forward and backward.
+
 The values equal the per-gate ones up to float rounding of the softmax sums (a padded row sums
 the same terms plus exact zeros).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 from torch import nn
 
-from autosparse.gating.gate import TINY_SHARE, Gate, remove_hooks, threshold
+from autosparse.gating.gate import TINY_SHARE, Gate, GateSite, remove_hooks
 
 
 class _Layout:
-    """Constants of the padded layout for one set of gates on one device."""
+    """Constants of the padded layout for one set of gates (and the sites reading them) on one device.
 
-    def __init__(self, gates: list[Gate], device: torch.device) -> None:
+    Row ``r`` of the padded matrix holds gate ``r``'s gammas, then ``-inf`` (0 after the softmax).
+    The padding is done by gathering with fixed indices rather than boolean masks, so every shape
+    is static (``torch.compile`` traces it without a graph break).
+    """
+
+    def __init__(self, gates: list[Gate], device: torch.device, sites: Sequence[GateSite] = ()) -> None:
         sizes = [g.size for g in gates]
-        width = max(sizes)
-        self.sizes = sizes
-        self.mask = torch.arange(width, device=device)[None, :] < torch.tensor(sizes, device=device)[:, None]
+        width, total = max(sizes), sum(sizes)
+        real = np.arange(width)[None, :] < np.asarray(sizes)[:, None]
+        pad_index = np.full(real.size, total)  # position ``total``: the -inf appended to the gammas
+        pad_index[real.ravel()] = np.arange(total)
+        self.sizes, self.shape, self.device = sizes, real.shape, device
+        self.pad_index = torch.as_tensor(pad_index, device=device)
+        self.real_index = torch.as_tensor(np.flatnonzero(real.ravel()), device=device)
+        self.real = torch.as_tensor(real, dtype=torch.float32, device=device)  # 1 at real units, 0 at padding
+        self.neg_inf = torch.full((1,), float("-inf"), device=device)
         self.count = torch.tensor(sizes, dtype=torch.float32, device=device)[:, None]
         self.tau = torch.tensor([g.tau for g in gates], dtype=torch.float32, device=device)[:, None]
+        self.keep = 1.0 - self.tau  # threshold()'s denominator, once
         self.penalty_weight = torch.tensor([g.penalty_weight for g in gates], dtype=torch.float32, device=device)
-        self.device = device
+        self.row = {id(g): r for r, g in enumerate(gates)}
+        # The sites, grouped by the shape of their multiplier (dim, rank): per group one gather from
+        # ``cat(all values, [1])``, split into the sites' multipliers.
+        starts = np.cumsum([0, *sizes[:-1]])
+        groups: dict[tuple[int, int], list[np.ndarray]] = {}
+        self.slot: dict[int, tuple[tuple[int, int], int]] = {}  # id(site) -> (its group, its part)
+        for site in sites:
+            positions = _positions(site, self.row, starts, total)
+            if positions is not None:
+                group = groups.setdefault((site.dim, site.ndim), [])
+                self.slot[id(site)] = ((site.dim, site.ndim), len(group))
+                group.append(positions)
+        self.groups = {key: (torch.as_tensor(np.concatenate(parts), device=device), [len(p) for p in parts])
+                       for key, parts in groups.items()}
 
 
-def batched_values(gates: list[Gate], layout: _Layout) -> list[torch.Tensor]:
-    """``[g.values() for g in gates]`` in one pass (the same formula, row by row)."""
-    gammas = torch.cat([g.gamma.float() for g in gates])
-    padded = torch.full(layout.mask.shape, float("-inf"), device=layout.device).masked_scatter(layout.mask, gammas)
-    shares = torch.softmax(padded, dim=1)
-    flat = threshold(shares, layout.count, layout.tau)[layout.mask].masked_fill(torch.cat([g.forced_off for g in gates]), 0.0)
-    return list(flat.split(layout.sizes))
+def _positions(site: GateSite, row: dict[int, int], starts: np.ndarray, total: int) -> np.ndarray | None:
+    """Where each position of ``site`` reads in ``cat(all values, [1])``; None if one of its gates
+    is not in the batch."""
+    if any(id(g) not in row for g in site.gates):
+        return None
+    local = np.concatenate([starts[row[id(g)]] + np.arange(g.size) for g in site.gates] + [np.array([total])])
+    return local[site.index.cpu().numpy()]
+
+
+def _padded_shares(gates: list[Gate], layout: _Layout) -> torch.Tensor:
+    """Row-wise softmax of the gammas, one row per gate, zero past each gate's size."""
+    gammas = torch.cat([*(g._parameters["gamma"] for g in gates), layout.neg_inf])
+    if gammas.dtype != torch.float32:
+        gammas = gammas.float()
+    return torch.softmax(gammas[layout.pad_index].view(layout.shape), dim=1)
+
+
+def batched_values(gates: list[Gate], layout: _Layout) -> torch.Tensor:
+    """``torch.cat([g.values() for g in gates])`` in one pass (the same formula, row by row)."""
+    gated = torch.relu(layout.count * _padded_shares(gates, layout) - layout.tau) / layout.keep  # threshold()
+    values = gated.flatten()[layout.real_index]
+    return values.masked_fill(torch.cat([g.forced_off for g in gates]), 0.0)
 
 
 def batched_norms(gates: list[Gate], p: float, layout: _Layout) -> torch.Tensor:
     """``torch.stack([g.penalty(p) for g in gates])`` in one pass: each row's ``||shares||_p``."""
-    gammas = torch.cat([g.gamma.float() for g in gates])
-    padded = torch.full(layout.mask.shape, float("-inf"), device=layout.device).masked_scatter(layout.mask, gammas)
-    shares = torch.softmax(padded, dim=1)
-    # Padding is 0 after the softmax, and d(x^p)/dx is infinite at 0 (p < 1): raise 1 instead and
-    # drop it, so no inf * 0 reaches the gradient (real shares are clamped as in Gate.penalty).
-    powered = torch.where(layout.mask, shares.clamp_min(TINY_SHARE), 1.0).pow(p).masked_fill(~layout.mask, 0.0)
+    shares = _padded_shares(gates, layout)
+    # Padding is 0 after the softmax, and d(x^p)/dx is infinite at 0 (p < 1). Clamped as real shares
+    # are in Gate.penalty, its derivative is finite (<= p * 1e30) and the mask's exact 0 drops both
+    # its value and its gradient.
+    powered = shares.clamp_min(TINY_SHARE).pow(p) * layout.real
     return powered.sum(dim=1).pow(1.0 / p) * layout.penalty_weight
 
 
@@ -71,38 +118,81 @@ def penalty_norms(gates: list[Gate], p: float, cache: dict) -> torch.Tensor:
 class LazyBatch:
     """Every gate's values of one forward, computed on the first request, not in the pre-hook:
     wrappers that gather the gate parameters in their own pre-hook (FSDP2 shards them between
-    forwards) have done so by the time the first gated weight is used."""
+    forwards) have done so by the time the first gated weight is used.
+
+    It also hands each :class:`~autosparse.gating.gate.GateSite` its multiplier, computed once per
+    forward, already shaped for broadcasting against its weight.
+    """
 
     def __init__(self, gates: list[Gate], layout: _Layout) -> None:
         self.gates, self.layout = gates, layout
-        self.rows: dict[int, torch.Tensor] | None = None
+        self.flat: torch.Tensor | None = None  # every gate's values, concatenated
+        self.ext: torch.Tensor | None = None  # the same and a 1 (positions no gate controls)
+        self.rows: tuple[torch.Tensor, ...] | None = None
+        self.parts: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
+        self.sites: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def _values(self) -> torch.Tensor:
+        if self.flat is None:
+            self.flat = batched_values(self.gates, self.layout)
+        return self.flat
+
+    def _group(self, key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
+        """The multipliers of one group of sites (one gather, one view, one split for all)."""
+        if key not in self.parts:
+            if self.ext is None:
+                flat = self._values()
+                self.ext = torch.cat([flat, flat.new_ones(1)])
+            index, sizes = self.layout.groups[key]
+            dim, ndim = key
+            shape = [-1 if d == dim else 1 for d in range(ndim)]
+            self.parts[key] = self.ext[index].view(shape).split(sizes, dim=dim)
+        return self.parts[key]
 
     def row(self, gate: Gate) -> torch.Tensor:
         if self.rows is None:
-            self.rows = {id(g): v for g, v in zip(self.gates, batched_values(self.gates, self.layout))}
-        return self.rows[id(gate)]
+            self.rows = self._values().split(self.layout.sizes)
+        return self.rows[self.layout.row[id(gate)]]
+
+    def shaped(self, site: GateSite, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """``site.shaped(dtype)`` for this forward."""
+        key = (id(site), dtype)
+        values = self.sites.get(key)
+        if values is None:
+            values = self.sites[key] = self._shaped(site, dtype)
+        return values
+
+    def _shaped(self, site: GateSite, dtype: torch.dtype) -> torch.Tensor:
+        slot = self.layout.slot.get(id(site))
+        if slot is None:  # a site created after batch_gates, or one with a gate outside the batch
+            values = site.values_from_gates().view(site.view_shape)
+        else:
+            values = self._group(slot[0])[slot[1]]
+        if values.device != site.index.device:
+            values = values.to(site.index.device)
+        return values if values.dtype == dtype else values.to(dtype)
 
 
 class _StartForward:
     """Forward pre-hook on the root: lend every gate its batched values. A plain object, so it
-    survives deepcopy and pickle (the copy's hook then holds the copy's gates)."""
+    survives deepcopy and pickle (the copy's hook then holds the copy's gates and sites)."""
 
-    def __init__(self, gates: list[Gate]) -> None:
-        self.gates = gates
+    def __init__(self, gates: list[Gate], sites: list[GateSite]) -> None:
+        self.gates, self.sites = gates, sites
         self.layout: _Layout | None = None
 
     def __call__(self, module: nn.Module, args: tuple) -> None:
-        if not self.gates or any(g.gamma.device != self.gates[0].gamma.device for g in self.gates):
-            return  # gates spread over devices (model parallel): each computes its own values
         device = self.gates[0].gamma.device
+        if any(g.gamma.device != device for g in self.gates):
+            return  # gates spread over devices (model parallel): each computes its own values
         if self.layout is None or self.layout.device != device:
-            self.layout = _Layout(self.gates, device)
+            self.layout = _Layout(self.gates, device, self.sites)
         batch = LazyBatch(self.gates, self.layout)
         for gate in self.gates:
-            gate.lend(batch)
+            gate.__dict__["_lent"] = batch  # Gate.lend without the call
 
     def __getstate__(self) -> dict:
-        return {"gates": self.gates, "layout": None}  # the layout is rebuilt on first use
+        return {"gates": self.gates, "sites": self.sites, "layout": None}  # the layout is rebuilt on first use
 
 
 class _EndForward:
@@ -113,7 +203,7 @@ class _EndForward:
 
     def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
         for gate in self.gates:
-            gate.lend(None)
+            gate.__dict__["_lent"] = None
 
 
 def batch_gates(model: nn.Module, gates: list[Gate]) -> None:
@@ -122,7 +212,8 @@ def batch_gates(model: nn.Module, gates: list[Gate]) -> None:
     plain = [g for g in gates if g.batchable]
     if len(plain) < 2:
         return
-    model.register_forward_pre_hook(_StartForward(plain))
+    sites = [m for m in model.modules() if isinstance(m, GateSite)]
+    model.register_forward_pre_hook(_StartForward(plain, sites))
     model.register_forward_hook(_EndForward(plain), always_call=True)
 
 

@@ -15,17 +15,19 @@ through :mod:`torch.nn.utils.parametrize`: ``W_eff = W * g[index]``. Folding it 
 compaction is exact because the consumer is linear in its inputs. A plain ``Linear``/``ConvNd``
 consumer whose input is smaller than its weight (late CNN stages) gates the input instead,
 ``f(x * g, W) == f(x, W * g)``, which costs an activation-sized multiply instead of a weight-sized
-one; see :func:`gate_inputs`.
+one; see :func:`fast_paths`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 if TYPE_CHECKING:  # batch.py builds on this module
     from autosparse.gating.batch import LazyBatch
@@ -116,10 +118,8 @@ class GateSite(nn.Module):
     ``index[i]`` points into the concatenation of the gates' values followed by a single 1
     (positions that no gate controls). The gates are held without registering them as
     submodules, so the model's state_dict has each gate once, under ``autosparse_gates``.
-
-    ``on_input`` is True only while the consumer's forward runs on an input that
-    :class:`_GateInput` already multiplied by the gate; the weight is then returned unchanged.
-    Everywhere else (other readers of the weight, folding, ``training``) it reads ``W * g``.
+    Inside a forward the gates are lent a batch (:mod:`autosparse.gating.batch`) that also computes
+    each site's values once for every reader of them.
     """
 
     def __init__(self, gates: Sequence[Gate], index: np.ndarray, dim: int, ndim: int) -> None:
@@ -130,25 +130,69 @@ class GateSite(nn.Module):
         # One gate over every position in order (most sites): its values are the multiplier, no
         # cat + gather (whose backward is a scatter) needed.
         self.whole = len(self.gates) == 1 and np.array_equal(np.asarray(index), np.arange(self.gates[0].size))
-        self.on_input = False
+        self.view_shape = tuple(-1 if d == dim else 1 for d in range(ndim))  # the weight's rank
+
+    def shaped(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The multiplier: every position's gate value along ``dim``, 1-sized dims elsewhere (the
+        weight's rank, so neither the multiply nor its backward needs a view), in ``dtype``, on the
+        site's device. Inside a batched forward it is computed once per forward."""
+        shaped = getattr(self.gates[0].__dict__.get("_lent"), "shaped", None)
+        if shaped is not None:  # gating.batch.LazyBatch
+            return shaped(self, dtype)
+        values = self.values_from_gates().view(self.view_shape)
+        return values if values.dtype == dtype else values.to(dtype)
 
     def values(self) -> torch.Tensor:
-        """The gate value of every position along ``dim`` (fp32, 1-D)."""
+        """The gate value of every position along ``dim`` (fp32, 1-D, on the site's device)."""
+        return self.shaped().view(-1)
+
+    def values_from_gates(self) -> torch.Tensor:
+        """:meth:`values` from each gate's own ``values()`` (batched rows or computed alone)."""
+        device = self.index.device
         if self.whole:
-            return self.gates[0].values().to(self.index.device)
-        ones = torch.ones(1, device=self.index.device)
-        values = torch.cat([g.values().to(ones.device) for g in self.gates] + [ones])
+            return self.gates[0].values().to(device)
+        ones = torch.ones(1, device=device)
+        values = torch.cat([g.values().to(device) for g in self.gates] + [ones])
         return values[self.index]
 
     def multiplier(self) -> torch.Tensor:
-        shape = [1] * self.ndim
-        shape[self.dim] = -1
-        return self.values().view(shape)
+        return self.shaped()
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.on_input:
-            return weight
-        return weight * self.multiplier().to(weight.dtype)
+        return weight * self.shaped(weight.dtype)
+
+
+# ---------------------------------------------------------------- fast paths
+# torch's getter of a parametrized tensor goes through ``ParametrizationList.__call__`` and
+# ``GateSite.__call__`` (nn.Module's call machinery, hook checks, ``_get_tracing_state``): ~40 us per
+# read, against ~7 us for the multiply itself. On a host-bound step (small layers, small batches:
+# every op costs its Python dispatch) that made the gated step 1.4x the ungated one. The fast paths
+# below compute the same ``W * g`` (or ``x * g``) directly; torch's structure (``parametrizations``,
+# ``original``, state_dict keys, ``remove_parametrizations``) is untouched.
+
+
+def _lean_getter(name: str, torch_getter: Callable[[nn.Module], torch.Tensor]) -> Callable[[nn.Module], torch.Tensor]:
+    """A getter for ``module.<name>`` whose chain is one :class:`GateSite`: the site's forward on
+    ``original``, without nn.Module's call machinery."""
+
+    def get(module: nn.Module) -> torch.Tensor:
+        chain = module._modules["parametrizations"]._modules[name]
+        if parametrize._cache_enabled or len(chain._modules) != 1:  # parametrize.cached(), or a user
+            return torch_getter(module)                              # parametrization added later
+        return chain._modules["0"].forward(chain._parameters["original"])
+
+    get.torch_getter = torch_getter  # type: ignore[attr-defined]  # marks it as ours (idempotence)
+    return get
+
+
+def _install_lean_getter(module: nn.Module, name: str) -> None:
+    """Replace the property ``register_parametrization`` put on ``module``'s own Parametrized* class.
+    Copies of the module share that class; the getter reads everything from the instance."""
+    cls = type(module)
+    prop = cls.__dict__.get(name)
+    if not isinstance(prop, property) or hasattr(prop.fget, "torch_getter"):
+        return
+    setattr(cls, name, property(_lean_getter(name, prop.fget), prop.fset))
 
 
 # The forwards that read ``weight`` exactly once, as ``f(x, weight)`` with x's channels along one dim
@@ -162,75 +206,63 @@ def _weight_sites(module: nn.Module) -> list[nn.Module]:
     return list(chains["weight"]) if chains is not None and "weight" in chains else []
 
 
-def _input_site(module: nn.Module) -> GateSite | None:
-    """The gate site on ``module.weight``'s input dim, if input gating is exact for this module."""
+def _input_gateable(module: nn.Module) -> bool:
+    """Whether ``module`` is a plain Linear/ConvNd whose weight has one site, on its input dim."""
     if type(module).forward not in _INPUT_GATEABLE or getattr(module, "groups", 1) != 1:
-        return None
+        return False
     chain = _weight_sites(module)
-    if not all(isinstance(p, GateSite) for p in chain):
-        return None  # another parametrization does not commute with moving the gate to the input
-    return next((p for p in chain if p.dim == 1), None)
+    return len(chain) == 1 and isinstance(chain[0], GateSite) and chain[0].dim == 1
 
 
-class _GateInput:
-    """Forward pre-hook: multiply the input by the gate when that is cheaper than the weight.
+class _GatedForward:
+    """The instance ``forward`` of a plain Linear/ConvNd consumer of gated units.
 
-    Decided per call, because the input's size depends on the batch and resolution, which the
-    capture (one example) does not know. A plain object, so the hook survives deepcopy and pickle.
-    The site and the weight's size are looked up once (the hook runs on every forward of every
-    consumer, so attribute walks through nn.Module would cost more than the multiply saves).
+    It multiplies the input by the gate where the input is smaller than the weight (late CNN
+    stages, transformers at small batch), else the weight, then runs torch's own functional form
+    of the layer. Exact: the layer is linear in its input and reads its weight once, so
+    ``f(x * g, W) == f(x, W * g)`` and gamma gets the same gradient. Decided per call, because the
+    input's size depends on the batch and resolution, which the capture (one example) does not know.
+    An instance attribute rather than hooks: any forward hook sends every call through nn.Module's
+    slow path. A plain object, so it survives deepcopy (the copy's holds the copy).
     """
 
-    def __init__(self, spatial: int) -> None:
-        self.spatial = spatial
-        self.site: GateSite | None = None
-        self.weight_numel = self.in_features = 0
+    def __init__(self, module: nn.Module, spatial: int) -> None:
+        self.module = module
+        self.linear = spatial < 0
+        self.channel = -(max(spatial, 0) + 1)  # x's channel dim, counted from the end
 
-    def __call__(self, module: nn.Module, args: tuple) -> tuple | None:
-        x = args[0] if args else None
-        if not isinstance(x, torch.Tensor) or x.ndim < self.spatial + 1:
-            return None  # an fx Proxy while tracing, a keyword input, ...: the weight stays gated
-        if self.site is None:
-            self.site = _input_site(module)
-            if self.site is None:
-                return None
-            original = module.parametrizations["weight"].original
-            self.weight_numel, self.in_features = original.numel(), original.shape[1]
-        channel = -1 if self.spatial < 0 else x.ndim - self.spatial - 1
-        if x.numel() >= self.weight_numel or x.shape[channel] != self.in_features:
-            return None
-        self.site.__dict__["on_input"] = True  # plain attribute: skip nn.Module.__setattr__
-        shape = [-1] + [1] * max(self.spatial, 0)
-        return (x * self.site.values().to(x.dtype).view(shape), *args[1:])
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        module = self.module
+        chain = module._modules["parametrizations"]._modules["weight"]
+        if parametrize._cache_enabled or len(chain._modules) != 1 or not isinstance(x, torch.Tensor):
+            return type(module).forward(module, x)  # torch's forward, through the parametrization
+        site, weight = chain._modules["0"], chain._parameters["original"]
+        if x.numel() < weight.numel() and x.ndim >= site.ndim and x.shape[self.channel] == weight.shape[1]:
+            x = x * site.shaped(x.dtype)  # (1, C, 1, ...): broadcast over x's batch and spatial dims
+        else:
+            weight = site.forward(weight)
+        if self.linear:
+            return F.linear(x, weight, module.bias)
+        return module._conv_forward(x, weight, module.bias)
 
 
-class _EndGateInput:
-    """Forward hook (always called, also on error): the weight is gated again outside the forward."""
+def fast_paths(model: nn.Module) -> int:
+    """Install the lean getters on every single-site gated tensor, and :class:`_GatedForward` on
+    every plain Linear/ConvNd consumer. Idempotent. Returns the number of consumers.
 
-    def __init__(self, start: _GateInput) -> None:
-        self.start = start  # the pre-hook of the same module: it knows the site it flagged
-
-    def __call__(self, module: nn.Module, args: tuple, output: object) -> None:
-        if self.start.site is not None:
-            self.start.site.__dict__["on_input"] = False
-
-
-def gate_inputs(model: nn.Module) -> int:
-    """Let every plain ``Linear``/``ConvNd`` consumer gate its input when that is cheaper.
-
-    Exact: the consumer is linear in its input and reads its weight once, so ``f(x * g, W)`` is
-    ``f(x, W * g)`` and gamma gets the same gradient. Idempotent. Returns the number of modules.
+    A module that already has an instance ``forward`` (accelerate's device hooks) keeps it.
     """
     count = 0
     for module in model.modules():
-        if _input_site(module) is None:
+        if not parametrize.is_parametrized(module):
             continue
-        count += 1
-        if any(isinstance(h, _GateInput) for h in module._forward_pre_hooks.values()):
-            continue
-        start = _GateInput(_INPUT_GATEABLE[type(module).forward])
-        module.register_forward_pre_hook(start)
-        module.register_forward_hook(_EndGateInput(start), prepend=True, always_call=True)
+        for name, chain in module.parametrizations.items():
+            if len(chain) == 1 and isinstance(chain[0], GateSite):
+                _install_lean_getter(module, name)
+        if _input_gateable(module):
+            count += 1
+            if "forward" not in module.__dict__:
+                module.forward = _GatedForward(module, _INPUT_GATEABLE[type(module).forward])
     return count
 
 
@@ -249,8 +281,7 @@ def remove_hooks(module: nn.Module, pre: type, post: type) -> list:
 
 
 def remove_input_gating(module: nn.Module) -> None:
-    """Drop the hooks of :func:`gate_inputs` from one module (before its gates are folded away)."""
-    remove_hooks(module, _GateInput, _EndGateInput)
-    for site in _weight_sites(module):
-        if isinstance(site, GateSite):
-            site.on_input = False
+    """Drop :class:`_GatedForward` from one module (before its gates are folded away): it runs
+    torch's forward again, through the parametrization while there is one."""
+    if isinstance(module.__dict__.get("forward"), _GatedForward):
+        del module.__dict__["forward"]
