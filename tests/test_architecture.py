@@ -60,3 +60,11 @@ def test_no_private_names_cross_module_borders() -> None:
                 offenders += [f"{path.relative_to(PACKAGE)}:{node.lineno} {module}.{n}"
                               for n in names if n.startswith("_") and not n.startswith("__")]
     assert offenders == []
+
+
+def test_mypy_is_clean_on_the_package() -> None:
+    mypy_api = pytest.importorskip("mypy.api")
+    root = PACKAGE.parent
+    out, err, status = mypy_api.run(["--config-file", str(root / "pyproject.toml"), "--cache-dir", "/dev/null",
+                                     str(PACKAGE)])
+    assert status == 0, out + err

@@ -21,6 +21,7 @@ the same terms plus exact zeros).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import torch
@@ -79,7 +80,8 @@ def _positions(site: GateSite, row: dict[int, int], starts: np.ndarray, total: i
 
 def _padded_shares(gates: list[Gate], layout: _Layout) -> torch.Tensor:
     """Row-wise softmax of the gammas, one row per gate, zero past each gate's size."""
-    gammas = torch.cat([*(g._parameters["gamma"] for g in gates), layout.neg_inf])
+    # _parameters directly: nn.Module.__getattr__ would add a Python call per gate and forward
+    gammas = torch.cat([*(cast(torch.Tensor, g._parameters["gamma"]) for g in gates), layout.neg_inf])
     if gammas.dtype != torch.float32:
         gammas = gammas.float()
     return torch.softmax(gammas[layout.pad_index].view(layout.shape), dim=1)
@@ -107,7 +109,7 @@ def penalty_norms(gates: list[Gate], p: float, cache: dict) -> torch.Tensor:
     (the penalty's ~7 ops per gate are, like the values, dispatch-bound on a GPU)."""
     plain = len(gates) > 1 and all(g.batchable for g in gates)
     device = gates[0].gamma.device if gates else None
-    if not plain or any(g.gamma.device != device for g in gates):
+    if not plain or device is None or any(g.gamma.device != device for g in gates):
         return torch.stack([g.penalty(p) for g in gates])
     layout = cache.get(device)
     if layout is None:

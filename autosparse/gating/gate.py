@@ -21,7 +21,7 @@ one; see :func:`fast_paths`.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
@@ -29,8 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-if TYPE_CHECKING:  # batch.py builds on this module
-    from autosparse.gating.batch import LazyBatch
+
+class ValueSource(Protocol):
+    """What a gate can be lent: values for it computed elsewhere (``gating.batch.LazyBatch``, or
+    fixed values to take gradients on, as ``autosparse.pruning`` does)."""
+
+    def row(self, gate: Gate) -> torch.Tensor: ...
 
 TINY_SHARE = 1e-30
 
@@ -60,6 +64,8 @@ class Gate(nn.Module):
     # Whether every value is a pure function of gamma (no sampling), so all such gates of a model
     # can be computed in one batched op per forward (autosparse.gating.batch).
     batchable: bool = True
+    gamma: nn.Parameter
+    forced_off: torch.Tensor
 
     def __init__(self, name: str, granularity: str, size: int, *, tau: float = 0.5,
                  modules: Sequence[str] = (), penalty_weight: float = 1.0) -> None:
@@ -81,7 +87,7 @@ class Gate(nn.Module):
             return lent.row(self)
         return threshold(self.shares(), self.size, self.tau).masked_fill(self.forced_off, 0.0)
 
-    def lend(self, batch: LazyBatch | None) -> None:
+    def lend(self, batch: ValueSource | None) -> None:
         """Take values from ``batch`` (a batched computation of every gate) until lent ``None`` again."""
         self.__dict__["_lent"] = batch
 
@@ -121,6 +127,9 @@ class GateSite(nn.Module):
     Inside a forward the gates are lent a batch (:mod:`autosparse.gating.batch`) that also computes
     each site's values once for every reader of them.
     """
+
+    gates: list[Gate]
+    index: torch.Tensor
 
     def __init__(self, gates: Sequence[Gate], index: np.ndarray, dim: int, ndim: int) -> None:
         super().__init__()
@@ -176,7 +185,7 @@ def _lean_getter(name: str, torch_getter: Callable[[nn.Module], torch.Tensor]) -
     ``original``, without nn.Module's call machinery."""
 
     def get(module: nn.Module) -> torch.Tensor:
-        chain = module._modules["parametrizations"]._modules[name]
+        chain: Any = cast(Any, module._modules["parametrizations"])._modules[name]
         if parametrize._cache_enabled or len(chain._modules) != 1:  # parametrize.cached(), or a user
             return torch_getter(module)                              # parametrization added later
         return chain._modules["0"].forward(chain._parameters["original"])
@@ -190,7 +199,7 @@ def _install_lean_getter(module: nn.Module, name: str) -> None:
     Copies of the module share that class; the getter reads everything from the instance."""
     cls = type(module)
     prop = cls.__dict__.get(name)
-    if not isinstance(prop, property) or hasattr(prop.fget, "torch_getter"):
+    if not isinstance(prop, property) or prop.fget is None or hasattr(prop.fget, "torch_getter"):
         return
     setattr(cls, name, property(_lean_getter(name, prop.fget), prop.fset))
 
@@ -232,8 +241,8 @@ class _GatedForward:
         self.channel = -(max(spatial, 0) + 1)  # x's channel dim, counted from the end
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        module = self.module
-        chain = module._modules["parametrizations"]._modules["weight"]
+        module: Any = self.module
+        chain: Any = module._modules["parametrizations"]._modules["weight"]
         if parametrize._cache_enabled or len(chain._modules) != 1 or not isinstance(x, torch.Tensor):
             return type(module).forward(module, x)  # torch's forward, through the parametrization
         site, weight = chain._modules["0"], chain._parameters["original"]
@@ -256,7 +265,8 @@ def fast_paths(model: nn.Module) -> int:
     for module in model.modules():
         if not parametrize.is_parametrized(module):
             continue
-        for name, chain in module.parametrizations.items():
+        chains = cast(dict[str, Any], module.parametrizations)
+        for name, chain in chains.items():
             if len(chain) == 1 and isinstance(chain[0], GateSite):
                 _install_lean_getter(module, name)
         if _input_gateable(module):
