@@ -114,7 +114,8 @@ def _is_shape(node: object) -> TypeGuard[fx.Node]:
     if not isinstance(node, fx.Node):
         return False
     shape_attr = node.target is getattr and node.args[1] == "shape"
-    return shape_attr or (node.op == "call_method" and node.target == "size" and len(node.args) == 1)
+    # bool(): fx argument comparisons are typed SymBool | bool in newer torch stubs
+    return bool(shape_attr or (node.op == "call_method" and node.target == "size" and len(node.args) == 1))
 
 
 def _read(capture: Capture, shape_node: fx.Node, dim: int) -> tuple[fx.Node, int]:
