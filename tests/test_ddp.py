@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 import autosparse
 from autosparse.io import load, save
 from autosparse.measure import count_params
-from tests.processes import run_on_processes
+from tests.processes import process_group, rank_slice, run_on_processes
 from tests.zoo import CHANNEL, get_case, rel_diff, run_no_grad, sparsify_quietly
 
 WORLD, STEPS, GLOBAL_BATCH = 2, 4, 8
@@ -61,12 +61,10 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
 
 
 def _worker(rank: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
-    try:
+    with process_group(rank, tmp, WORLD):
         x, y = data()
         net = gated()
-        part = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
+        part = rank_slice(rank, GLOBAL_BATCH, WORLD)
         train(DistributedDataParallel(net), x[part], y[part])
         torch.save(net.state_dict(), f"{tmp}/trained{rank}.pt")
         if rank == 0:
@@ -77,8 +75,6 @@ def _worker(rank: int, tmp: str) -> None:
         small = load(f"{tmp}/small", build())
         with torch.no_grad():
             torch.save(small(x), f"{tmp}/out{rank}.pt")
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

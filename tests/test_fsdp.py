@@ -18,7 +18,7 @@ from torch import nn
 
 import autosparse
 from autosparse.errors import AutosparseWarning
-from tests.processes import run_on_processes
+from tests.processes import process_group, rank_slice, run_on_processes
 
 fsdp = pytest.importorskip("torch.distributed.fsdp")
 checkpoint_state = pytest.importorskip("torch.distributed.checkpoint.state_dict")
@@ -62,16 +62,14 @@ def train(model: nn.Module, net: nn.Module, x: torch.Tensor, y: torch.Tensor) ->
 
 
 def _worker(rank: int, tmp: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank, world_size=WORLD)
-    try:
+    with process_group(rank, tmp, WORLD):
         x, y = data()
         net = gated()
         ignored = autosparse.training.fsdp_ignored_params(net)
         for layer in (net[0], net[2], net[4]):
             fsdp.fully_shard(layer, ignored_params=ignored)
         fsdp.fully_shard(net, ignored_params=ignored)
-        part = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
+        part = rank_slice(rank, GLOBAL_BATCH, WORLD)
         train(net, net, x[part], y[part])
         options = checkpoint_state.StateDictOptions(full_state_dict=True, cpu_offload=True)
         full = checkpoint_state.get_model_state_dict(net, options=options)  # a collective: every rank
@@ -83,8 +81,6 @@ def _worker(rank: int, tmp: str) -> None:
             with torch.no_grad():
                 torch.save(autosparse.compact(fresh.eval())(x), f"{tmp}/out.pt")
         dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
