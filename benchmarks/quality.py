@@ -7,6 +7,8 @@ data split, same total epochs, same optimiser (Adam, cosine learning rate) for e
 * ``autosparse``: gates on every channel group, the budget target (``target: {flops: B}``) steering
   lambda; gates freeze at 60 % of the E epochs, the rest fine-tunes the fixed structure (the cosine
   learning rate restarts there, as it does for the fine-tuning of the two methods below).
+* ``autosparse_uniform``: the same with ``uniform: true`` on the channel rule: every gated layer keeps
+  one common width (what a standard Hugging Face config can state), chosen jointly by the gates.
 * ``torch_pruning``: Torch-Pruning's ``MagnitudePruner`` (L2 filter magnitude, the same ratio in
   every layer), pruned after 2/3 of the epochs to the budget, then fine-tuned for the last 1/3.
 * ``slimming``: network slimming (Liu et al. 2017): L1 on BatchNorm scales for 2/3 of the epochs,
@@ -42,7 +44,7 @@ from autosparse.demo.data import Dataset, load
 from autosparse.measure import count_flops, count_params, measure_latency
 from benchmarks.common import stamp
 
-METHODS = ("dense", "autosparse", "torch_pruning", "slimming")
+METHODS = ("dense", "autosparse", "autosparse_uniform", "torch_pruning", "slimming")
 RESULTS = Path(__file__).resolve().parent / "results"
 PRETRAIN = 2 / 3  # share of the epochs the prune-then-fine-tune baselines train before pruning
 SLIMMING_L1 = 1e-4  # network slimming's sparsity strength on |BN scale| (the paper's 1e-4)
@@ -68,9 +70,11 @@ def run_one(dataset: str, method: str, budget: float | None, seed: int, epochs: 
     start = time.perf_counter()
     if method == "dense":
         final = fit(model, data, epochs=epochs, seed=seed)
-    elif method == "autosparse":
+    elif method in ("autosparse", "autosparse_uniform"):
         steps = epochs * math.ceil(len(data.x_train) / 64)
-        net = autosparse.sparsify(model, budget_policy(budget, steps), example_inputs=example)
+        policy = budget_policy(budget, steps)
+        policy["rules"][0]["uniform"] = method == "autosparse_uniform"
+        net = autosparse.sparsify(model, policy, example_inputs=example)
         fit(net, data, epochs=epochs, seed=seed)
         final = autosparse.compact(net)
     else:
@@ -216,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--jobs", type=int, default=1, help="parallel worker processes (1 thread each)")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--name", default="quality", help="file stem of the results (JSON, Markdown, PNG)")
     parser.add_argument("--smoke", action="store_true", help="digits, one seed, 30%% budget, 2 epochs")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -231,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     measure_latencies(runs, repeats=20 if args.smoke else 200)
     rows = summarize(runs)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "quality_smoke" if args.smoke else "quality"
-    config = {k: v for k, v in vars(args).items() if k != "out"} | {
+    stem = f"{args.name}_smoke" if args.smoke else args.name
+    config = {k: v for k, v in vars(args).items() if k not in ("out", "name")} | {
         "pretrain": PRETRAIN,
         "slimming_l1": SLIMMING_L1,
     }

@@ -138,5 +138,7 @@ def test_quality_benchmark_smoke(tmp_path: Path) -> None:
         budget = 1.0 if name == "dense" else 0.3
         assert row["flops_fraction"] <= budget + 1e-9 and row["latency_ms"] > 0 and 0 <= row["accuracy"] <= 1
     assert methods["dense"]["flops_fraction"] == 1.0
+    (uniform,) = [run for run in report["runs"] if run["method"] == "autosparse_uniform"]
+    assert len(set(uniform["widths"])) == 1 and uniform["widths"][0] < 32  # one common, reduced width
     assert (tmp_path / "quality_smoke_digits.png").stat().st_size > 1000
     assert "| digits | 30% | autosparse |" in (tmp_path / "quality_smoke.md").read_text()
