@@ -115,3 +115,19 @@ def test_prune_smoke(out: Path) -> None:
     bench_prune.main(["--smoke", "--out", str(out)])
     data = _load(out, "prune_smoke")
     assert {r["method"] for r in data["summary"]} >= {"l2", "torch_pruning"}
+
+
+def test_lm_smoke(out: Path) -> None:
+    """The byte-level Llama benchmark: stdlib corpus split by file, every method lands near its budget."""
+    from benchmarks import bench_lm
+
+    train, held = bench_lm.corpus(0.5)
+    assert len(train) > 2**19 and len(held) > 2**14 and int(train.max()) < 256
+    bench_lm.main(["--smoke", "--methods", "gates", "prune_l2", "--out", str(out)])
+    data = _load(out, "lm_smoke")
+    rows = {(r["method"], r["budget"]): r for r in data["summary"]}
+    assert rows[("dense", 1.0)]["block_fraction"] == 1.0
+    for method in ("gates", "prune_l2"):
+        row = rows[(method, 0.5)]
+        assert row["ok"] == 1 and 0 < row["bpb"] < 8.5  # 8 bits/byte is a uniform guess over bytes
+        assert 0.4 < row["block_fraction"] <= 0.52
