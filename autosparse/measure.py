@@ -68,8 +68,15 @@ def _check_inputs(example_inputs: Any) -> tuple:
 
 
 @contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put ``model`` in eval mode, then restore every submodule's own training flag."""
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put ``model`` in eval mode, then restore every submodule's own training flag.
+
+    Example:
+        >>> net = torch.nn.Sequential(torch.nn.Dropout()).train()
+        >>> with eval_mode(net):
+        ...     net[0].training
+        False
+    """
     flags = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
@@ -83,7 +90,7 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
 def _flop_counter(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None) -> FlopCounterMode:
     inputs = _check_inputs(example_inputs)
     counter = FlopCounterMode(display=False)
-    with _eval_mode(model), torch.no_grad(), counter:
+    with eval_mode(model), torch.no_grad(), counter:
         model(*inputs, **(example_kwargs or {}))
     return counter
 
@@ -208,7 +215,7 @@ def measure_latency(
     tensors = [*model.parameters(), *(x for x in inputs if isinstance(x, torch.Tensor))]
     sync = torch.cuda.synchronize if any(t.is_cuda for t in tensors) else lambda: None
     times_ms: list[float] = []
-    with _num_threads(threads), _eval_mode(model), torch.inference_mode():
+    with _num_threads(threads), eval_mode(model), torch.inference_mode():
         for run in range(warmup + repeats):
             sync()
             start = time.perf_counter()
@@ -219,6 +226,104 @@ def measure_latency(
     # "inclusive" interpolates between the runs like numpy.percentile's default.
     p90 = statistics.quantiles(times_ms, n=10, method="inclusive")[-1] if repeats > 1 else times_ms[0]
     return LatencyStats(statistics.median(times_ms), p90, min(times_ms), repeats)
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyReport:
+    """Latency of a compacted model against its dense model, timed alternately (:func:`latency_report`).
+
+    Attributes:
+        dense_ms: Median wall-clock latency of the dense model, in milliseconds.
+        compacted_ms: The same for the compacted model.
+        ratio: Median over the pairs of compacted / dense wall-clock time: robust to load that
+            drifts during the measurement, since both runs of a pair see about the same load.
+        ratio_min: Fastest compacted run / fastest dense run (wall-clock).
+        cpu_ratio: Median over the pairs of the ratio of the calling thread's CPU times; ``None``
+            unless the model runs on a CPU with one intra-op thread (then all its work is on that
+            thread, and time the OS gives to other processes does not count).
+        predicted: The latency fraction a cost model predicted, if given.
+        pairs: How many (dense, compacted) pairs were timed.
+    """
+
+    dense_ms: float
+    compacted_ms: float
+    ratio: float
+    ratio_min: float
+    cpu_ratio: float | None
+    predicted: float | None
+    pairs: int
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        """The fields as a JSON-serialisable dict."""
+        return dataclasses.asdict(self)
+
+
+def latency_report(
+    dense: nn.Module,
+    compacted: nn.Module,
+    example_inputs: tuple,
+    *,
+    predicted: float | None = None,
+    repeats: int = 20,
+    warmup: int = 3,
+    example_kwargs: dict | None = None,
+) -> LatencyReport:
+    """Measure how much faster ``compacted`` is than ``dense``, alternating the two to share the noise.
+
+    Both run in eval mode under :func:`torch.inference_mode`; each pair runs the two models in turn,
+    the order swapped every other pair so neither always runs first (warm caches, CPU frequency).
+
+    Args:
+        dense: The original model.
+        compacted: The compacted (or any other) model taking the same inputs.
+        example_inputs: Positional inputs, as a tuple, at the batch size of interest.
+        predicted: A predicted latency fraction to report next to the measured one
+            (e.g. ``autosparse.pruning.selection_of(small).predicted``).
+        repeats: Timed pairs (at least 1).
+        warmup: Untimed runs of each model first (at least 0).
+        example_kwargs: Keyword inputs, if any.
+
+    Returns:
+        A :class:`LatencyReport`.
+
+    Raises:
+        ValueError: If ``repeats`` or ``warmup`` is out of range.
+
+    Example:
+        >>> r = latency_report(torch.nn.Linear(64, 64), torch.nn.Linear(64, 16), (torch.randn(8, 64),), repeats=3)
+        >>> r.pairs
+        3
+    """
+    inputs = _check_inputs(example_inputs)
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0; got {repeats=}, {warmup=}")
+    tensors = [*dense.parameters(), *(x for x in inputs if isinstance(x, torch.Tensor))]
+    sync = torch.cuda.synchronize if any(t.is_cuda for t in tensors) else lambda: None
+    thread_cpu = not any(t.is_cuda for t in tensors) and torch.get_num_threads() == 1
+    wall: dict[int, list[float]] = {0: [], 1: []}
+    cpu: dict[int, list[float]] = {0: [], 1: []}
+    models = (dense, compacted)
+    with eval_mode(dense), eval_mode(compacted), torch.inference_mode():
+        for _ in range(warmup):
+            for model in models:
+                model(*inputs, **(example_kwargs or {}))
+        for pair in range(repeats):
+            for side in (0, 1) if pair % 2 == 0 else (1, 0):
+                sync()
+                start, start_cpu = time.perf_counter(), time.thread_time()
+                models[side](*inputs, **(example_kwargs or {}))
+                sync()
+                wall[side].append((time.perf_counter() - start) * 1e3)
+                cpu[side].append((time.thread_time() - start_cpu) * 1e3)
+    return LatencyReport(
+        dense_ms=statistics.median(wall[0]),
+        compacted_ms=statistics.median(wall[1]),
+        ratio=statistics.median(c / d for d, c in zip(wall[0], wall[1])),
+        ratio_min=min(wall[1]) / min(wall[0]),
+        cpu_ratio=statistics.median(c / d for d, c in zip(cpu[0], cpu[1])) if thread_cpu else None,
+        predicted=predicted,
+        pairs=repeats,
+    )
 
 
 def peak_rss_mb() -> float:

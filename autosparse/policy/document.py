@@ -41,6 +41,8 @@ GateKind = Literal["ds", "hard_concrete"]
 GATE_KINDS: tuple[str, ...] = ("ds", "hard_concrete")
 CostWeighting = Literal["none", "flops", "params"]
 COST_WEIGHTINGS: tuple[str, ...] = ("none", "flops", "params")
+Regime = Literal["scratch", "pretrained"]
+REGIMES: tuple[str, ...] = ("scratch", "pretrained")
 
 
 # ----------------------------------------------------------------------------- policy-level checks
@@ -122,14 +124,20 @@ class Schedule(Validated):
     Args:
         warmup_steps: Lambda ramps linearly from 0 to its value over these steps; >= 0.
         freeze_step: After this step the gates stop changing; ``None`` or > ``warmup_steps``.
+        regime: ``scratch`` (gates learn while the model trains from its initialisation) or
+            ``pretrained`` (a trained model, a short fine-tune: gates start from the l2 magnitude of
+            their units and units close progressively, never above the controller's reference; see
+            docs/training.md).
     """
 
     warmup_steps: int = 0
     freeze_step: int | None = None
+    regime: Regime = "scratch"
 
     _CHECKS: ClassVar[dict[str, Check]] = {
         "warmup_steps": integer(ge=0),
         "freeze_step": integer(null=True, ge=1),
+        "regime": choice(REGIMES),
     }
 
     @classmethod
@@ -146,30 +154,39 @@ class Target(Validated):
     """The ``target`` section: an optional budget, as a fraction of the dense model.
 
     Args:
-        flops: Fraction of dense FLOPs to land on, in (0, 1); at most one of flops / params.
+        flops: Fraction of dense FLOPs to land on, in (0, 1); at most one of flops / params / latency.
         params: Fraction of dense parameters to land on, in (0, 1).
+        latency: Fraction of the dense model's latency on the current device for the example inputs
+            (at their batch size), in (0, 1); priced by a measured, cached per-module latency table.
         tolerance: How far from the fraction still counts as on target; in (0, 0.5].
     """
 
     flops: float | None = None
     params: float | None = None
+    latency: float | None = None
     tolerance: float = 0.05
 
     _CHECKS: ClassVar[dict[str, Check]] = {
         "flops": real(noun="a fraction", null=True, gt=0, lt=1),
         "params": real(noun="a fraction", null=True, gt=0, lt=1),
+        "latency": real(noun="a fraction", null=True, gt=0, lt=1),
         "tolerance": real(gt=0, le=0.5),
     }
 
     @classmethod
     def _cross_check(cls, values: dict[str, Any], at: At) -> None:
-        if values["flops"] is not None and values["params"] is not None:
-            raise at.child("params").bad(values["params"], "null when flops is set (at most one budget)")
+        budgets = [key for key in ("flops", "params", "latency") if values.get(key) is not None]
+        if len(budgets) > 1:
+            raise at.child(budgets[1]).bad(values[budgets[1]], f"null when {budgets[0]} is set (at most one budget)")
 
     @property
-    def metric(self) -> Literal["flops", "params"] | None:
-        """``"flops"`` or ``"params"``, whichever budget is set, or ``None`` for no budget."""
-        return "flops" if self.flops is not None else "params" if self.params is not None else None
+    def metric(self) -> Literal["flops", "params", "latency"] | None:
+        """``"flops"``, ``"params"`` or ``"latency"``, whichever budget is set, or ``None`` for no budget."""
+        if self.flops is not None:
+            return "flops"
+        if self.params is not None:
+            return "params"
+        return "latency" if self.latency is not None else None
 
 
 @dataclasses.dataclass(frozen=True)

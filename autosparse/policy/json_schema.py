@@ -7,7 +7,7 @@ this schema written out; the shipped YAML files point editors at it with a
 ``# yaml-language-server: $schema=policy.schema.json`` first line.
 
 What JSON Schema cannot say, autosparse still checks when it loads a policy: rule names are unique,
-``freeze_step > warmup_steps``, at most one of ``target.flops`` / ``target.params``, an ``exclude``
+``freeze_step > warmup_steps``, at most one of ``target.flops`` / ``target.params`` / ``target.latency``, an ``exclude``
 that leaves something selected, and integers written as ``8.0`` (JSON has one number type).
 """
 

@@ -15,7 +15,7 @@ Example:
 from __future__ import annotations
 
 from autosparse.pruning.importance import IMPORTANCES, default_loss, unit_importance
-from autosparse.pruning.oneshot import prune
+from autosparse.pruning.oneshot import prune, selection_of
 from autosparse.pruning.select import Selection, select_units
 
-__all__ = ["IMPORTANCES", "Selection", "default_loss", "prune", "select_units", "unit_importance"]
+__all__ = ["IMPORTANCES", "Selection", "default_loss", "prune", "select_units", "selection_of", "unit_importance"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -46,10 +47,11 @@ class Selection:
     """What :func:`select_units` decided.
 
     Attributes:
-        metric: ``"flops"`` or ``"params"``.
+        metric: ``"flops"``, ``"params"`` or ``"latency"``.
         target: The budget, a fraction of the dense cost.
         predicted: The cost model's fraction for the units kept (exact for params and for the
-            FLOPs of convolutions, linear layers and attention).
+            FLOPs of convolutions, linear layers and attention; for latency, the measured table's
+            prediction, see :mod:`autosparse.training.latency`).
         removed: Per group name, the indices of the units removed (their gates are now zero).
     """
 
@@ -71,8 +73,8 @@ def select_units(net: nn.Module, scores: list[torch.Tensor]) -> Selection:
     """Zero the gates of the units a global ranking removes to meet the policy's target.
 
     Args:
-        net: a freshly sparsified model whose policy has ``target.flops`` or ``target.params``;
-            its gates are zeroed in place.
+        net: a freshly sparsified model whose policy has ``target.flops``, ``target.params`` or
+            ``target.latency``; its gates are zeroed in place.
         scores: raw importance per gated group, in plan order (:func:`unit_importance`).
 
     Returns:
@@ -124,8 +126,8 @@ def _budget(state: SparsityState) -> tuple[str, float]:
     target = state.policy.target
     metric = target.metric
     if metric is None:
-        raise PolicyError("target: one-shot pruning needs a budget; set target.flops (or target.params) to a "
-                          "fraction of the dense model in (0, 1), e.g. {'target': {'flops': 0.5}}")
+        raise PolicyError("target: one-shot pruning needs a budget; set target.flops (or target.params, "
+                          "target.latency) to a fraction of the dense model in (0, 1), e.g. {'target': {'flops': 0.5}}")
     return metric, float(getattr(target, metric))
 
 
@@ -151,8 +153,20 @@ class _Group:
 def _moves(cluster: int, members: list[tuple[int, _Group]], kept: torch.Tensor, unit_cost: torch.Tensor,
            dense: torch.Tensor) -> list[_Move]:
     """A cluster's successive legal removals, from its kept count down to its rule's floor. A
-    cluster is one group, or every group of a uniform rule: then each move narrows all of them."""
-    alive = [[j for j in g.order if kept[g.lo + j] > 0] for _, g in members]
+    cluster is one group, or every group of a uniform rule: then each move narrows all of them.
+
+    Sums over a move's units come from prefix sums along each group's removal order, so listing
+    every move of a group costs about as much as reading its units once (this runs every round).
+    """
+    if min(g.price for _, g in members) <= 0:
+        return []  # removing them saves nothing now (their branch is already gone)
+    kept_np, cost_np, dense_np = kept.numpy(), unit_cost.numpy(), dense.numpy()
+    alive = [[j for j in g.order if kept_np[g.lo + j] > 0] for _, g in members]
+    sums = []  # per member: prefix sums of saving, dense price and worth along its alive units
+    for (_, g), units in zip(members, alive):
+        flat = np.asarray(units, dtype=np.int64) + g.lo
+        sums.append([np.concatenate([[0.0], np.cumsum(v)]) for v in
+                     (cost_np[flat], dense_np[flat] / g.price, g.worth.numpy()[flat - g.lo])])
     rule = members[0][1].rule
     floor = max(rule.kept_count(0, g.hi - g.lo) for _, g in members)
     moves: list[_Move] = []
@@ -161,17 +175,13 @@ def _moves(cluster: int, members: list[tuple[int, _Group]], kept: torch.Tensor, 
         nxt = ((count - 1) // rule.round_to) * rule.round_to  # the next smaller width the rule allows
         if count == 0 or nxt < floor:
             return moves
-        parts = [(i, a[len(a) - min(count, len(a)) : len(a) - min(nxt, len(a))]) for (i, _), a in zip(members, alive)]
-        flat = [g.lo + j for (_, g), (_, units) in zip(members, parts) for j in units]
-        saving = float(unit_cost[flat].sum())
-        prices = [g.price for _, g in members]
-        if saving <= 0 or min(prices) <= 0:
+        ends = [(len(a) - min(count, len(a)), len(a) - min(nxt, len(a))) for a in alive]
+        saving, relative_cost, importance = (float(sum(s[k][e] - s[k][b] for s, (b, e) in zip(sums, ends)))
+                                             for k in range(3))
+        if saving <= 0:
             return moves  # removing them saves nothing now (their branch is already gone)
-        relative_cost = sum(float(dense[[g.lo + j for j in units]].sum()) / g.price
-                            for (_, g), (_, units) in zip(members, parts))
-        importance = sum(float(g.worth[units].sum()) for (_, g), (_, units) in zip(members, parts))
         best = max(best, importance / relative_cost)  # monotone: a cluster's moves go in order
-        moves.append(_Move(cluster, parts, best, saving))
+        moves.append(_Move(cluster, [(i, a[b:e]) for (i, _), a, (b, e) in zip(members, alive, ends)], best, saving))
         count = nxt
 
 

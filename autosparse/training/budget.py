@@ -12,6 +12,9 @@ without compacting anything. It is built once per model from one counted forward
   ``2 * weight.numel() * output positions``. A module without a sliced weight of its own (the
   ``softmax(q k^T) v`` of an attention module) scales with the kept outputs of its children (heads).
 * a residual branch that a layer gate removes takes all its modules' FLOPs and parameters with it.
+* ``"latency"``: each leaf-module call costs its measured milliseconds times a measured curve of
+  the same product ``prod_d f_d`` (:mod:`autosparse.training.latency`: a table timed on the current
+  device at a few widths and cached); the time outside leaf modules follows the mean kept fraction.
 
 With ``u`` the 0/1 vector of kept units, the cost is a multilinear polynomial in ``u``; its gradient
 ``d cost / d u_i`` is the cost of unit ``i`` given everything else (used for cost weighting).
@@ -43,6 +46,7 @@ from autosparse.errors import PolicyError
 from autosparse.gating.kept import kept_masks
 from autosparse.measure import flops_by_module
 from autosparse.state import SparsityState
+from autosparse.training.latency import Curve, latency_table
 
 SOFT_THRESHOLD = 0.5  # a unit counts as fully kept by the controller's signal above this gate value
 
@@ -54,6 +58,7 @@ class _Term:
     cost: float
     indices: list[torch.Tensor]  # per sliced dim: position -> flat unit index (n_units: always kept)
     branches: list[int] = field(default_factory=list)  # flat indices of residual branches containing it
+    curve: Curve | None = None  # latency: cost * curve(prod_d mean(...)) instead of cost * prod_d mean(...)
 
 
 @dataclass
@@ -61,7 +66,7 @@ class CostModel:
     """Predicts the cost of the compacted model from a kept-unit vector. See the module docstring.
 
     Attributes:
-        metric: ``"flops"`` or ``"params"``.
+        metric: ``"flops"``, ``"params"`` or ``"latency"`` (milliseconds, see :mod:`.latency`).
         dense: The cost of the model with every unit kept.
         offsets: Start of each gated group in the flat unit vector, in plan order (plus the end).
     """
@@ -83,6 +88,8 @@ class CostModel:
             scale = ext.new_ones(())
             for index in term.indices:
                 scale = scale * ext[index].mean()
+            if term.curve is not None:
+                scale = term.curve(scale)
             for b in term.branches:
                 scale = scale * ext[b]
             total = total + term.cost * scale
@@ -143,7 +150,8 @@ def build_cost_model(model: nn.Module, state: SparsityState, metric: str) -> Cos
     Args:
         model: The sparsified model (its weights still have their dense shapes).
         state: Its :class:`~autosparse.state.SparsityState`.
-        metric: ``"flops"`` (one counted forward pass on the stored example inputs) or ``"params"``.
+        metric: ``"flops"`` (one counted forward pass on the stored example inputs), ``"params"``,
+            or ``"latency"`` (a measured, cached per-module table: :func:`.latency.latency_table`).
     """
     offsets, roots, branches = [0], {}, {}
     for gg in state.plan.gated:
@@ -162,6 +170,8 @@ def build_cost_model(model: nn.Module, state: SparsityState, metric: str) -> Cos
             for name, f in _exclusive(flops).items()
             if f
         ]
+    elif metric == "latency":
+        terms = _latency_terms(model, state, sliced, branches, offsets[-1])
     else:
         plain = [
             (_plain_name(name), p.numel()) for name, p in model.named_parameters() if id(p) not in gammas
@@ -217,6 +227,22 @@ def _flops_term(module: str, flops: int, sliced: dict[str, dict[int, _Slice]], b
         if s.role == Role.PRODUCER
     ]
     return _Term(float(flops), [torch.cat(outputs)] if outputs else [], branches)
+
+
+def _latency_terms(model: nn.Module, state: SparsityState, sliced: dict[str, dict[int, _Slice]],
+                   branches: dict[str, int], n_units: int) -> list[_Term]:
+    """Each timed module call priced by its measured curve over its weight's sliced dims (a module
+    without weights: its leader's output rows); the rest by its curve over the mean of all units."""
+    table = latency_table(model)
+    terms = []
+    for entry in table.entries:
+        dims = sliced.get(f"{entry.follows or entry.name}.weight", {})
+        if entry.follows is None:
+            indices = [s.index for s in dims.values()]
+        else:  # an activation or pooling: as wide as its leader's output rows
+            indices = [dims[0].index] if 0 in dims else []
+        terms.append(_Term(entry.ms, indices, _containing(entry.name, branches), entry.curve))
+    return [*terms, _Term(table.rest, [torch.arange(n_units)], [], table.rest_curve)]
 
 
 def _plain_name(name: str) -> str:
