@@ -35,6 +35,7 @@ from autosparse.pruning import prune
 from autosparse.reporting.explain import explain
 from autosparse.reporting.logger import GateLogger
 from autosparse.reporting.report import report
+from autosparse.training.distill import distill
 
 __version__ = "0.1.0"
 
@@ -56,6 +57,7 @@ __all__ = [
     "Policy",
     "PolicyError",
     "compact",
+    "distill",
     "explain",
     "export",
     "gates",

@@ -32,6 +32,7 @@ from autosparse.compaction.record import require_record
 from autosparse.demo.data import Dataset, load_digits
 from autosparse.io.format import atomic_dir
 from autosparse.measure import Summary, compare, count_flops, count_params, measure_latency, model_size_bytes
+from autosparse.policy.document import Schedule
 from autosparse.reporting.logger import GateLogger
 from autosparse.reporting.plots import plot_widths
 from autosparse.state import get_state, is_sparsified
@@ -75,16 +76,26 @@ def _sequential(parts: list[tuple[str, nn.Module]], named: bool) -> nn.Sequentia
     return nn.Sequential(OrderedDict(parts)) if named else nn.Sequential(*(m for _, m in parts))
 
 
-def budget_policy(budget: float, steps: int, metric: str = "flops", min_keep: int = 2) -> dict:
-    """The policy the demo and the benchmark use: every channel group, a budget, the default recipe.
+def budget_policy(budget: float, steps: int, metric: str = "flops", min_keep: int = 2,
+                  regime: str = "scratch") -> dict:
+    """The policy the demo and the benchmarks use: every channel group, a budget, the recipe of a regime.
 
-    Lambda warms up over the first 10 % of the steps, the controller's reference reaches the budget
-    at about 48 %, and the gates freeze at 60 %, so the last 40 % fine-tune a fixed structure.
+    ``scratch`` (training from initialisation): lambda warms up over the first 10 % of the steps,
+    the controller's reference reaches the budget at about 48 %, and the gates freeze at 60 %, so
+    the last 40 % fine-tune a fixed structure. ``pretrained`` (a trained model, a short fine-tune):
+    gates start from l2 magnitude, a 3 % warm-up, units close progressively so the reference
+    reaches the budget at about 23 %, and the gates freeze at 30 %, leaving 70 % to fine-tune.
+
+    Example:
+        >>> budget_policy(0.05, 900, regime="pretrained")["schedule"]
+        {'warmup_steps': 27, 'freeze_step': 270, 'regime': 'pretrained'}
     """
+    warmup, freeze = (0.03, 0.3) if regime == "pretrained" else (0.1, 0.6)
     return {
         "rules": [{"name": "channels", "granularity": "channel", "min_keep": min_keep}],
         "penalty": {"lambda": 1e-3, "p": 0.5},
-        "schedule": {"warmup_steps": max(1, steps // 10), "freeze_step": max(2, int(0.6 * steps))},
+        "schedule": {"warmup_steps": max(1, int(warmup * steps)), "freeze_step": max(2, int(freeze * steps)),
+                     "regime": regime},
         "target": {metric: budget, "tolerance": 0.05},
     }
 
@@ -110,7 +121,8 @@ def fit(
     :func:`autosparse.training.step` after every optimizer step (the explicit way; see
     :func:`autosparse.training.attach` for the hook-based one). Its gates get ``gate_lr``, and with
     ``restart_at_freeze`` the cosine restarts at the policy's freeze step, so the fixed structure is
-    fine-tuned from the full learning rate, as prune-then-fine-tune methods do. ``on_step(step)``
+    fine-tuned from the full learning rate, as prune-then-fine-tune methods do; in the ``pretrained``
+    regime the gates' learning rate stays constant until the freeze (:func:`lr_factors`). ``on_step(step)``
     runs after every optimizer step (e.g. :meth:`autosparse.GateLogger.step`).
 
     Returns:
@@ -125,8 +137,8 @@ def fit(
     n = len(data.x_train)
     steps_per_epoch = math.ceil(n / batch_size)
     total = epochs * steps_per_epoch
-    freeze = get_state(model).policy.schedule.freeze_step if gated and restart_at_freeze else None
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(total, freeze))
+    policy_schedule = get_state(model).policy.schedule if gated else None
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factors(total, policy_schedule, restart_at_freeze))
     bar = _progress(epochs * steps_per_epoch, desc, progress)
     model.train()
     for _ in range(epochs):
@@ -167,6 +179,29 @@ def _cosine(total: int, freeze: int | None) -> Callable[[int], float]:
         return 0.5 * (1 + math.cos(math.pi * min(t - freeze, total - freeze) / (total - freeze)))
 
     return factor
+
+
+def lr_factors(total: int, schedule: Schedule | None, restart_at_freeze: bool = True) -> list[Callable[[int], float]]:
+    """The learning-rate factors of :func:`fit`: one for the weights, and one for the gates if ``schedule``.
+
+    Weights: a cosine over the run, restarted at the freeze step with ``restart_at_freeze``. Gates:
+    the same in the ``scratch`` regime; constant until the freeze in the ``pretrained`` regime,
+    since a decaying gate learning rate (Adam's step is about the learning rate whatever the
+    gradient) leaves the budget controller without a lever late in a short run.
+
+    Example:
+        >>> [f(50) for f in lr_factors(100, Schedule(freeze_step=60, regime="pretrained"))]  # doctest: +ELLIPSIS
+        [0.0669872981077806..., 1.0]
+    """
+    freeze = schedule.freeze_step if schedule is not None and restart_at_freeze else None
+    weights = _cosine(total, freeze)
+    if schedule is None:
+        return [weights]
+    return [weights, _constant if schedule.regime == "pretrained" else weights]
+
+
+def _constant(t: int) -> float:
+    return 1.0
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -20,22 +20,19 @@ Example:
 
 from __future__ import annotations
 
-import math
 import weakref
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from autosparse.errors import PolicyError, warn
 from autosparse.gating.batch import penalty_norms
-from autosparse.gating.gate import GateSite
+from autosparse.gating.gate import raise_on_meta
 from autosparse.policy.document import Schedule
-from autosparse.state import SparsityState, get_state, parametrization_chains, unwrap
+from autosparse.state import SparsityState, get_state, unwrap
 from autosparse.training.budget import (
     Controller,
     CostModel,
@@ -45,7 +42,9 @@ from autosparse.training.budget import (
     equalize,
     ramp_end,
 )
-from autosparse.training.distributed import average_gate_grads, scale_
+from autosparse.training.distributed import average_gate_grads
+from autosparse.training.init import fold_gate_change, init_from_magnitude
+from autosparse.training.progressive import close_to
 
 
 @dataclass
@@ -64,6 +63,7 @@ class TrainingState:
     last: dict[str, float] = field(default_factory=dict)  # the record of the latest step
     stride: int = 1  # history keeps every stride-th step
     penalty_layouts: dict = field(default_factory=dict)  # gate_batch layouts by device (constants)
+    pending_init: bool = False  # regime pretrained: gates start from l2 magnitude at the first step
 
 
 HISTORY = 1000
@@ -104,6 +104,8 @@ def training_state(model: nn.Module) -> TrainingState:
             budget, sched.warmup_steps, ramp_end(sched.warmup_steps, sched.freeze_step)
         )
     tr.weights = _cost_weights(state, tr)
+    if policy.schedule.regime == "pretrained" and state.step == 0:
+        tr.pending_init = True  # done by the first step(): now a forward graph may still hold the weights
     state.training = tr
     return tr
 
@@ -152,6 +154,7 @@ def _scaled_norms(model: nn.Module) -> torch.Tensor:
 
 def penalty_value(model: nn.Module) -> torch.Tensor:
     """The body of :func:`autosparse.penalty`: the sum of :func:`penalty_terms` (0 when frozen)."""
+    raise_on_meta("autosparse.penalty", get_state(model).gate_list())  # before the cost model reads values
     tr = training_state(model)
     gates = get_state(model).gate_list()
     if tr.hooked and not tr.warned_twice:
@@ -185,8 +188,13 @@ def step(model: nn.Module) -> None:
     Call it after ``optimizer.step()`` in a hand-written loop, unless :func:`attach` is active.
     """
     state = get_state(model)
+    raise_on_meta("autosparse.training.step", state.gate_list())
     tr = training_state(model)
     state.step += 1
+    if tr.pending_init:
+        # After the optimizer step no forward graph holds the weights that the fold rescales in place.
+        tr.pending_init = False
+        init_from_magnitude(model)
     if tr.frozen:
         _restore(state, tr)
         return
@@ -199,6 +207,11 @@ def step(model: nn.Module) -> None:
         cost = tr.costs[metric]
         frac = cost.fraction(cost.kept_now(state))
         soft = cost.fraction(cost.soft_kept(state))
+        if state.policy.schedule.regime == "pretrained" and state.step >= tr.controller.start:
+            # progressive closing: never above the reference, so nothing is left to close at the freeze
+            reference = tr.controller.reference(state.step)
+            if frac > reference and close_to(state, cost, reference):
+                frac = cost.fraction(cost.kept_now(state))
         tr.controller.update(state.step, tr.controller.signal(state.step, frac, soft))
         record["soft"] = soft
         record.update({metric: frac, "reference": tr.controller.reference(state.step)})
@@ -266,30 +279,12 @@ def _normalize(model: nn.Module, state: SparsityState) -> None:
     Closed units are forced off, then every ``gamma`` is reset to its fully open value (0 for the
     default gate, whose gates are then all 1).
     """
-    chains = [
-        chain
-        for module in model.modules()
-        if parametrize.is_parametrized(module)
-        for chain in parametrization_chains(module).values()
-    ]
-    chains = [c for c in chains if any(isinstance(site, GateSite) for site in c)]
-    if not all(isinstance(site, GateSite) for c in chains for site in c):
-        return  # another parametrization shares a weight with a gate: folding would not be exact
-    sites = [[site for site in c if isinstance(site, GateSite)] for c in chains]  # all of each chain
-    with torch.no_grad():
-        old = [_product(site.multiplier() for site in s) for s in sites]
+    def reset() -> None:
         for gate in state.gate_list():
             gate.zero_((gate.values() == 0).nonzero().flatten())
             gate.gamma.fill_(getattr(gate, "open_gamma", 0.0))  # DS gate: gamma 0 is exactly 1
-        for chain, chain_sites, before in zip(chains, sites, old):
-            after = _product(site.multiplier() for site in chain_sites)
-            ratio = torch.where(after != 0, before / after.where(after != 0, torch.ones_like(after)), 1.0)
-            scale_(chain.original, ratio)
 
-
-def _product(factors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """``math.prod`` of a chain's multipliers: never empty here, so a tensor, not the start value 1."""
-    return cast(torch.Tensor, math.prod(factors))
+    fold_gate_change(model, state, reset)  # False: another parametrization shares a weight; left as is
 
 
 def _restore(state: SparsityState, tr: TrainingState) -> None:
