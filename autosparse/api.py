@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
@@ -16,6 +15,7 @@ from autosparse.analysis.branches import find_branches
 from autosparse.analysis.registry import Handler, RuleKey
 from autosparse.capture import Capture, capture, on_meta
 from autosparse.compaction.compact import compact_model, dry_run, strip_gates
+from autosparse.compaction.copying import deep_copy
 from autosparse.compaction.record import record_of
 from autosparse.errors import AlreadySparsifiedError, ModelTypeError, NoGatesError, warn
 from autosparse.gating.batch import batch_gates
@@ -88,7 +88,7 @@ def sparsify(
     # Under torch.inference_mode the copy and the gates would be inference tensors, which can never
     # be trained; sparsify prepares a model for training, so it opts out of that mode here.
     with torch.inference_mode(False):
-        target = model if inplace else copy.deepcopy(model)
+        target = model if inplace else deep_copy(model)
         _gate(target, plan, policy, captured)
         failing = _dry_run(target, verify)
         if failing:  # fail fast: what compact() could not remove exactly is never gated

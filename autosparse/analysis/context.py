@@ -74,6 +74,9 @@ class State:
     # (ids, other ids, reason): a size read off another tensor that must shrink with these channels
     # (``x.view(b, c, 1, 1)`` with ``c`` read before a later op unites them); checked after the walk.
     same_size: list[tuple[np.ndarray, np.ndarray, str]] = field(default_factory=list)
+    # Features that never became a group (a weighted op whose weight is computed in forward, such
+    # as a weight-standardised conv): (module, reason), so explain() still lists them.
+    refused: dict[str, str] = field(default_factory=dict)
 
     def reaches_output(self, node: fx.Node) -> bool:
         """Whether ``node``'s value can affect the model's outputs.
@@ -173,6 +176,24 @@ class OpContext:
 
     def module(self) -> torch.nn.Module | None:
         return self.state.module(self.node)
+
+    def owner(self) -> torch.nn.Module | None:
+        """The innermost module whose forward holds the node (the tracer's module stack), or None."""
+        stack = self.node.meta.get("nn_module_stack") or {}
+        model = self.state.capture.model
+        if not stack or model is None:
+            return None
+        try:
+            return model.get_submodule(list(stack.values())[-1][0])
+        except AttributeError:
+            return None
+
+    def owner_name(self) -> str:
+        """The path of :meth:`owner` (the call_module target, else the node's name)."""
+        if self.node.op == "call_module":
+            return str(self.node.target)
+        stack = self.node.meta.get("nn_module_stack") or {}
+        return str(list(stack.values())[-1][0]) if stack else self.node.name
 
     def module_param(self, attr: str) -> str | None:
         """FQN of ``attr`` on a call_module node's module, if it is a tensor there."""

@@ -220,4 +220,6 @@ def _assemble(state, root_of, members, consumed, producers, group_of) -> Analysi
             reasons = [w for w in reasons if w != "not produced by a prunable weight"] or reasons
             why = "; ".join(reasons[:3]) if reasons else "a single unit cannot be sparsified by a normalised gate"
             unprunable.append((name, why))
+    named = {name for name, _ in unprunable} | {g.name for g in groups}
+    unprunable += [(name, why) for name, why in state.refused.items() if name not in named]
     return Analysis(groups, members, unprunable, list(dict.fromkeys(state.unknown)), state.capture.kind)

@@ -14,6 +14,7 @@ from autosparse.analysis.context import OpContext, Role
 from autosparse.analysis.labels import Label
 from autosparse.analysis.registry import Registry, RuleKey
 from autosparse.analysis.unionfind import FIXED
+from autosparse.analysis.weights import groups_rewritten, transposed_parameter
 
 aten = torch.ops.aten
 
@@ -54,6 +55,9 @@ def contraction(ctx: OpContext, x, weight: str | None, bias, *, in_dim: int,
     if weight is None:  # weight computed on the fly: cannot slice, so nothing here is prunable
         if ids is not None:
             ctx.elements.block(ids, f"a contraction with a computed weight at {ctx.where}")
+        ctx.state.refused.setdefault(ctx.owner_name(), f"its weight is computed in forward (e.g. weight "
+                                     f"standardisation) at {ctx.where}; a computed weight cannot be sliced, "
+                                     "so its output channels are kept")
         return ctx.output(None)
     x_shape = ctx.shape(x)
     if ids is None and x_shape is not None:
@@ -109,8 +113,15 @@ def conv_function(ctx: OpContext) -> None:
     elif transposed:
         groups = int(ctx.arg(6, "groups", 1))
     else:
-        groups = int(ctx.arg(6, "groups", 1))
+        groups = ctx.arg(6, "groups", 1)
+    if not isinstance(groups, int):  # a count the forward computes: nothing says it shrinks with the channels
+        ctx.block_inputs(f"a functional convolution whose group count is computed ({groups})")
+        return ctx.output(None)
     _conv(ctx, x, ctx.tensor_name(w), b, groups, transposed, ctx.tensor_shape()[1])
+    if groups > 1 and not groups_rewritten(ctx, groups):
+        ctx.block(ctx.label(ctx.node), f"a functional grouped convolution whose group count {groups} is a "
+                  "number in the code that compaction does not rewrite (register a fixer for its module in "
+                  "autosparse.modules.surgery.FIXERS)")
 
 
 def _conv(ctx, x, weight, bias, groups: int, transposed: bool, n_out: int) -> None:
@@ -150,6 +161,10 @@ def matmul(ctx: OpContext, operands=None) -> None:
     a, b = operands or (ctx.arg(0), ctx.arg(1))
     if ctx.tensor_name(b) is not None and ctx.ndim(b) == 2:
         return contraction(ctx, a, ctx.tensor_name(b), None, in_dim=0, out_dim=1, x_dim=-1, y_dim=-1,
+                           n_out=ctx.tensor_shape()[-1])
+    stored = transposed_parameter(ctx, b)
+    if stored is not None:  # x @ self.weight.T (Falcon's FalconLinear): an nn.Linear-shaped weight
+        return contraction(ctx, a, stored, None, in_dim=1, out_dim=0, x_dim=-1, y_dim=-1,
                            n_out=ctx.tensor_shape()[-1])
     _attention_like(ctx, [(a, "row"), (b, "col")], ctx.ndim())
 

@@ -58,6 +58,13 @@ def reshape(ctx: OpContext) -> None:
         ctx.block(new, f"a reshape that hard-codes the size {sizes[new.dim]} of the channel dim, which is also "
                        f"'{clash}' (compaction does not change it)")
         return ctx.output(None)
+    twin = _twin_size(ctx, sizes[new.dim], new.dim) if literal else None
+    if twin is not None:
+        ctx.block(new, f"a reshape whose channel dim has the literal size {sizes[new.dim]}, the head count (or "
+                       f"width) compaction rewrites, but dim {twin} has that size too: under torch.export every "
+                       "size is a literal, so which one the code reads from the module cannot be told; use "
+                       "example inputs whose sizes (e.g. the sequence length) differ from the head count")
+        return ctx.output(None)
     if literal and not _rewritable_size(ctx, sizes[new.dim]):
         exported = ctx.state.capture.kind == "export"
         kept_whole = not split and np.array_equal(new.ids, label.ids)  # view(-1, C): C maps 1:1
@@ -135,6 +142,17 @@ def _kept_width(ctx: OpContext, value: int) -> str | None:
     return next((a for a in _KEPT_WIDTHS if getattr(module, a, None) == value), None)
 
 
+def _twin_size(ctx: OpContext, value: int, dim: int) -> int | None:
+    """Another output dim of an exported reshape whose size equals a channel-dim literal that is only
+    trusted because it equals a head count compaction rewrites (``view(1, 4, 4, 16)`` with 4 heads
+    and 4 tokens): the graph cannot say which of the two literals is ``self.num_heads``, so neither
+    is trusted. fx keeps sizes read off tensors as nodes, so there a literal is the code's own."""
+    module = _owner(ctx)
+    if ctx.state.capture.kind != "export" or module is None or head_count_attribute(module, value) is None:
+        return None
+    return next((d for d, n in enumerate(ctx.tensor_shape()) if d != dim and n == value), None)
+
+
 def _is_head_dim(ctx: OpContext, value: int) -> bool:
     """A single-head stage splits (B, N, C) into (B, N, 1, C): the channels land on the head-size
     dim one to one, and that size stays what the code says (the head count is what changes)."""
@@ -150,14 +168,7 @@ def _head_count(ctx: OpContext, value: int) -> bool:
 
 def _owner(ctx: OpContext):
     """The innermost module whose forward holds the node, or None."""
-    stack = ctx.node.meta.get("nn_module_stack") or {}
-    model = ctx.state.capture.model
-    if not stack or model is None:
-        return None
-    try:
-        return model.get_submodule(list(stack.values())[-1][0])
-    except AttributeError:
-        return None
+    return ctx.owner()
 
 
 def _rewritable_size(ctx: OpContext, count: int) -> bool:

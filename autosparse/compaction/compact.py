@@ -19,6 +19,7 @@ from torch.nn.utils import parametrize
 
 from autosparse.analysis import Role
 from autosparse.analysis.branches import Branch
+from autosparse.compaction.copying import copy_sharing, throwaway_copy, unshare
 from autosparse.compaction.hf_config import sync_config
 from autosparse.compaction.layer_gates import remove_branches
 from autosparse.compaction.record import Record, attach_record
@@ -79,7 +80,7 @@ def compact_model(model: nn.Module, inplace: bool, verify: bool, rtol: float) ->
     removed, summary = removed_units(state)
     target, record = _build(model, state, removed, inplace)
     if not inplace:
-        _unshare(model, target)
+        unshare(model, target)
     record.groups = summary
     attach_record(target, record)
     if verify and state.example_inputs is not None and not inplace:
@@ -90,13 +91,25 @@ def compact_model(model: nn.Module, inplace: bool, verify: bool, rtol: float) ->
     return target
 
 
-def _build(model: nn.Module, state: SparsityState, removed: set[int], inplace: bool) -> tuple[nn.Module, Record]:
-    """Slice, fold and drop in ``model`` or a copy of it that shares only what it replaces."""
-    target = model if inplace else _copy(model, _replaced_tensors(model, _kept_positions(state, removed)))
+def _build(model: nn.Module, state: SparsityState, removed: set[int], inplace: bool,
+           throwaway: bool = False) -> tuple[nn.Module, Record]:
+    """Slice, fold and drop in ``model`` or a copy of it that shares only what it replaces.
+
+    A ``throwaway`` copy (the dry run's) shares every tensor's storage and keeps its config as it
+    is: config sync rewrites only the config (and informational width attributes), and a random
+    dry-run pattern's widths are not the ones compact() will write, so syncing them proves nothing.
+    """
+    if inplace:
+        target = model
+    elif throwaway:
+        target = throwaway_copy(model)
+    else:
+        target = copy_sharing(model, _replaced_tensors(model, _kept_positions(state, removed)))
     try:
         record = _apply(target, state, removed)
         record.replaced, record.dropped_layers = remove_branches(model, target, state, removed_branches(state))
-        record.config_changes = sync_config(target)
+        if not throwaway:
+            record.config_changes = sync_config(target)
     except Exception as exc:
         raise CompactionError(f"compaction failed: {type(exc).__name__}: {exc}") from exc
     return target, record
@@ -105,9 +118,10 @@ def _build(model: nn.Module, state: SparsityState, removed: set[int], inplace: b
 def dry_run(model: nn.Module, rtol: float = 1e-4, seed: int = 0) -> dict[str, str]:
     """Prove that every gated group of a sparsified ``model`` compacts exactly; gates are left as they were.
 
-    Zeroes a random half of the units of every gate at once, compacts a throwaway copy and compares
-    it with the gated model on the example inputs; on a failure, bisects the groups to find those
-    that fail (alone, or only together) and checks the rest again.
+    Zeroes random units of every gate at once (all but a quarter, see :func:`_trial_keep`), compacts
+    a throwaway copy (:func:`~autosparse.compaction.copying.throwaway_copy`: every tensor shared, no
+    weight copied) and compares it with the gated model on the example inputs; on a failure, bisects
+    the groups to find those that fail (alone, or only together) and checks the rest again.
 
     Returns:
         ``{group name: why}`` for the groups that do not compact exactly (empty when all do).
@@ -116,7 +130,7 @@ def dry_run(model: nn.Module, rtol: float = 1e-4, seed: int = 0) -> dict[str, st
     gates = state.gate_list()
     saved = [g.forced_off.clone() for g in gates]
     gen = torch.Generator().manual_seed(seed)
-    patterns = [torch.randperm(g.size, generator=gen)[: g.size // 2] for g in gates]
+    patterns = [torch.randperm(g.size, generator=gen)[: g.size - _trial_keep(g.size)] for g in gates]
     failing: dict[int, str] = {}
     try:
         todo = list(range(len(gates)))
@@ -133,6 +147,14 @@ def dry_run(model: nn.Module, rtol: float = 1e-4, seed: int = 0) -> dict[str, st
     return {state.plan.gated[i].name: why for i, why in failing.items()}
 
 
+def _trial_keep(size: int) -> int:
+    """Units a dry-run pattern keeps in a group of ``size``: a random quarter, but at least two
+    where there are four or more (a one-wide tensor broadcasts where a wider one would not, which
+    could hide a missed slice), half of two or three. Fewer kept units make the throwaway copy's
+    slices and forward cheaper; which ones are kept is what the check is about."""
+    return size - size // 2 if size < 4 else max(2, -(-size // 4))
+
+
 def _trial(model: nn.Module, state: SparsityState, chosen: list[int], patterns: list[torch.Tensor],
            rtol: float) -> str | None:
     """Compact with the random zeros of the ``chosen`` gates only; why it is not exact, or None."""
@@ -143,7 +165,7 @@ def _trial(model: nn.Module, state: SparsityState, chosen: list[int], patterns: 
                 gate.forced_off[patterns[i]] = True
     try:
         removed, _ = removed_units(state)
-        target, _ = _build(model, state, removed, inplace=False)
+        target, _ = _build(model, state, removed, inplace=False, throwaway=True)
         check_equivalence(model, target, state, rtol)
     except Exception as exc:  # any failure of compaction or of the compacted forward disqualifies
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
@@ -190,7 +212,7 @@ def _blame(model: nn.Module, state: SparsityState, removed: set[int], rtol: floa
 
 def _apply(model: nn.Module, state: SparsityState, removed: set[int]) -> Record:
     # Slice first, fold after: folding multiplies only the kept entries, so no full-size folded
-    # weight is ever built (and in a copy the full-size weights are never copied, see _copy).
+    # weight is ever built (and in a copy the full-size weights are never copied: copying.copy_sharing).
     pending = _unparametrize(model)
     model.__dict__.pop("_autosparse", None)
     record = Record(kept=_kept_positions(state, removed))
@@ -240,41 +262,6 @@ def _replaced_tensors(model: nn.Module, kept: dict[str, dict[str, list[int]]]) -
             out.append(getattr(owner, attr))
     return out
 
-
-def _copy(model: nn.Module, replaced: list[torch.Tensor]) -> nn.Module:
-    """``copy.deepcopy(model)`` in which each tensor of ``replaced`` shares its storage with ``model``.
-
-    Compaction slices or folds every such tensor into a new one before anything could write to
-    it, so they are never copied at full size: the peak is the model plus the compacted model,
-    not two models. :func:`_unshare` then makes sure no storage is left in common.
-    """
-    memo: dict[int, object] = {}
-    for tensor in replaced:
-        if type(tensor) in (torch.Tensor, nn.Parameter) and tensor.layout == torch.strided \
-                and tensor.device.type != "meta":
-            memo[id(tensor)] = _alias(tensor)
-    return copy.deepcopy(model, memo)
-
-
-def _alias(tensor: torch.Tensor) -> torch.Tensor:
-    """A new tensor object (own version counter, no grad) viewing ``tensor``'s storage."""
-    with torch.no_grad():
-        shared = torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
-            tensor.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
-    if isinstance(tensor, nn.Parameter):
-        shared = nn.Parameter(shared, requires_grad=tensor.requires_grad)
-    shared.__dict__.update(copy.deepcopy(tensor.__dict__))
-    return shared
-
-
-def _unshare(source: nn.Module, target: nn.Module) -> None:
-    """Give every tensor of ``target`` that still shares storage with ``source`` its own copy."""
-    ptrs = {t.untyped_storage().data_ptr() for t in [*source.parameters(), *source.buffers()] if t.numel()}
-    for module in target.modules():
-        for tensors in (module._parameters, module._buffers):
-            for t in tensors.values():
-                if t is not None and t.numel() and t.untyped_storage().data_ptr() in ptrs:
-                    t.data = t.data.clone()
 
 
 # ---------------------------------------------------------------- folding
@@ -328,10 +315,13 @@ def _fold(pending: list[_Fold], kept: dict[str, dict[str, list[int]]]) -> None:
                 positions = kept.get(fold.name, {}).get(str(dim))
                 if positions is not None:
                     values = values[torch.as_tensor(positions, dtype=torch.long, device=values.device)]
+                if bool((values == 1).all()):  # w * 1 == w bit for bit: a fresh gate costs no copy
+                    continue
                 shape = [1] * weight.ndim
                 shape[dim] = -1
                 folded = folded * values.to(weight.dtype).view(shape)
-            weight.set_(folded)  # out of place: in a copy, ``weight`` may still view the gated model
+            if folded is not weight:  # out of place: in a copy, ``weight`` may still view the gated model
+                weight.set_(folded)
 
 
 def fold_gates(model: nn.Module) -> None:

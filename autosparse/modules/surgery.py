@@ -68,6 +68,12 @@ def _conv(m: nn.modules.conv._ConvNd, old: dict[str, tuple[int, ...]]) -> None:
     m.out_channels, m.in_channels = w[0], w[1] * m.groups
 
 
+@fixer("BlurPool2d")  # timm's anti-aliasing: F.conv2d(x, self.filt, groups=self.channels)
+def _blur_pool(m: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
+    if isinstance(getattr(m, "channels", None), int):
+        m.channels = cast(torch.Tensor, m.filt).shape[0]  # type: ignore[assignment]  # an int at runtime
+
+
 @fixer(nn.Linear)
 def _linear(m: nn.Linear, old: dict[str, tuple[int, ...]]) -> None:
     m.out_features, m.in_features = m.weight.shape
