@@ -67,6 +67,11 @@ class ExportError(AutosparseError, RuntimeError):
     """Export to torch.export or ONNX failed, or was asked for a still-gated model."""
 
 
+class NotMaterializedError(AutosparseError, RuntimeError):
+    """A gated model still on the meta device (no values) was asked for something that needs values:
+    gate values, the penalty, a training step. ``autosparse.io.materialize(net, state_dict)`` first."""
+
+
 class AutosparseWarning(UserWarning):
     """Legal but suspicious input, e.g. a policy rule or exclude pattern that matched nothing."""
 

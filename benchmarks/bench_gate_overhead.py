@@ -1,15 +1,15 @@
 """Q2 - gate overhead during training: step time of the gated model vs the same model ungated.
 
 One step = forward, loss (+ ``autosparse.penalty`` for the gated model), backward, SGD update, in
-fp32 on CPU with a fixed thread count. Gated and ungated steps alternate so that load on the
-machine hits both alike. Two statistics: the ratio of the minimum step times, and the median of the
+fp32 on CPU with a fixed thread count. Gated and ungated steps alternate, in ABBA order, so that
+load on the machine hits both alike. Two statistics: the ratio of the minimum step times, and the median of the
 paired ratios (step i gated / step i ungated), which is robust to load that comes and goes.
 
 Two regimes: compute-bound (``resnet50``, ``bert_base`` at batch 8; target <= 1.05) and host-bound
 (``resnet18_narrow``: ResNet-18 layout of width 4 at batch 2, 16x16; ``bert_narrow``: BERT with
 hidden size 32, 12 layers at batch 2, sequence 8; target <= 1.25), where every op costs its Python
 dispatch and the gates' extra ops show. ``--compile`` also times both models under ``torch.compile``
-and counts graph breaks.
+(``--backend``, default inductor) and counts graph breaks.
 
     PYTHONPATH=. python -m benchmarks.bench_gate_overhead [--models resnet50 bert_base] [--smoke]
     PYTHONPATH=. python -m benchmarks.bench_gate_overhead --models resnet18_narrow bert_narrow [--compile]
@@ -99,19 +99,29 @@ def build(name: str, args: Any) -> common.Built:
 
 
 # ---------------------------------------------------------------- timing
-def make_step(model: nn.Module, x: torch.Tensor, gated: bool) -> Callable[[], None]:
-    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+def training_loss(model: nn.Module, gated: bool) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The step's loss of ``x``: mean square of the output, plus ``autosparse.penalty`` when gated."""
 
-    def loss_of(out: Any) -> torch.Tensor:
-        tensor = out if isinstance(out, torch.Tensor) else out[0]
-        return tensor.float().pow(2).mean()
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        out = model(x)
+        value = (out if isinstance(out, torch.Tensor) else out[0]).float().pow(2).mean()
+        return value + autosparse.penalty(model) if gated else value
+
+    if gated:
+        autosparse.penalty(model)  # builds the schedule's state once, outside any compiled region
+    return loss
+
+
+def make_step(model: nn.Module, x: torch.Tensor, gated: bool, backend: str | None = None) -> Callable[[], None]:
+    """One training step; with ``backend``, the forward and the loss (the penalty included, as a
+    user who compiles would write it) run as one ``torch.compile`` region, the optimizer eagerly."""
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    loss = training_loss(model, gated)
+    loss_fn = loss if backend is None else torch.compile(loss, backend=backend)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        loss = loss_of(model(x))
-        if gated:
-            loss = loss + autosparse.penalty(model)
-        loss.backward()
+        loss_fn(x).backward()
         opt.step()
 
     return step
@@ -121,10 +131,13 @@ def time_pair(steps: dict[str, Callable[[], None]], repeats: int, warmup: int, t
     """Alternate the steps; per step the summary of :func:`common.summarize_ms`, plus both ratios."""
     wall: dict[str, list[float]] = {k: [] for k in steps}
     cpu: dict[str, list[float]] = {k: [] for k in steps}
+    order = list(steps)
     with common.num_threads(threads):
         for i in range(warmup + repeats):
-            for key, step in steps.items():
-                w, c = common.timed_ms(step)
+            # ABBA: each model runs first in every other pair, so a drift in load, or a cost that
+            # one step leaves to the next (allocator, caches), does not favour either
+            for key in order if i % 2 == 0 else order[::-1]:
+                w, c = common.timed_ms(steps[key])
                 if i >= warmup:
                     wall[key].append(w)
                     cpu[key].append(c)
@@ -138,18 +151,28 @@ def time_pair(steps: dict[str, Callable[[], None]], repeats: int, warmup: int, t
     }
 
 
-def graph_breaks(model: nn.Module, x: torch.Tensor) -> dict[str, Any]:
-    """``torch._dynamo.explain`` of one forward: graph and break counts, the first break reasons."""
+def graph_breaks(fn: Callable[..., Any], x: torch.Tensor) -> dict[str, Any]:
+    """``torch._dynamo.explain`` of one call: graph and break counts, the first break reasons."""
     torch._dynamo.reset()
-    report = torch._dynamo.explain(model)(x)
+    report = torch._dynamo.explain(fn)(x)
     reasons = [str(b.reason).splitlines()[0] for b in report.break_reasons]
     return {"graphs": report.graph_count, "breaks": report.graph_break_count, "reasons": reasons[:5]}
 
 
 def bench_compiled(plain: nn.Module, gated: nn.Module, x: torch.Tensor, regime: Regime, args: Any) -> dict[str, Any]:
-    result = {"graph_breaks": {"ungated": graph_breaks(plain, x), "gated": graph_breaks(gated, x)}}
+    result: dict[str, Any] = {"backend": args.backend,
+                              "graph_breaks": {"ungated": graph_breaks(plain, x), "gated": graph_breaks(gated, x),
+                                               "gated_loss_with_penalty": graph_breaks(training_loss(gated, True), x)}}
+    if args.backend == "inductor":
+        # Inductor turns convolutions channels-last, and on this machine's CPU torch (2.13.0+cpu and
+        # 2.14.1, eager too) the backward of a channels-last 1x1 stride-2 convolution (ResNet's
+        # projection shortcut) corrupts the heap ("double free or corruption"); kept NCHW it does not.
+        import torch._inductor.config as inductor_config
+
+        inductor_config.layout_optimization = False
+        result["inductor_layout_optimization"] = False
     torch._dynamo.reset()
-    steps = {"ungated": make_step(torch.compile(plain), x, False), "gated": make_step(torch.compile(gated), x, True)}
+    steps = {"ungated": make_step(plain, x, False, args.backend), "gated": make_step(gated, x, True, args.backend)}
     result.update(time_pair(steps, regime.repeats, max(regime.warmup, 3), args.threads))
     return result
 
@@ -195,6 +218,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=None, help="timed steps; default 8 (compute-bound), 60 (host-bound)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first; default 1 / 10")
     parser.add_argument("--compile", action="store_true", help="also time both models under torch.compile")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend (inductor, aot_eager, ...)")
     parser.add_argument("--name", default="gate_overhead", help="result file name (without .json)")
     args = parser.parse_args(argv)
     payload: dict[str, Any] = {

@@ -27,71 +27,93 @@ import numpy as np
 import torch
 from torch import nn
 
-from autosparse.gating.gate import TINY_SHARE, Gate, GateSite, remove_hooks
+from autosparse.gating.gate import TINY_SHARE, Gate, GateSite, raise_on_meta, remove_hooks
 
 
 class _Layout:
     """Constants of the padded layout for one set of gates (and the sites reading them) on one device.
 
     Row ``r`` of the padded matrix holds gate ``r``'s gammas, then ``-inf`` (0 after the softmax).
-    The padding is done by gathering with fixed indices rather than boolean masks, so every shape
-    is static (``torch.compile`` traces it without a graph break).
+    The gammas are *scattered* into a ``-inf`` vector at fixed, distinct positions (``real_index``):
+    the backward of that is a plain gather, where the backward of a gather that repeats positions
+    (the padding) is an accumulating scatter, serial on a CPU (~4 ms a step for BERT-base's gates).
+    Every shape is static and no boolean mask indexes anything, so ``torch.compile`` traces it
+    without a graph break.
+
+    Sites read the thresholded matrix flattened, followed by a 1 (positions no gate controls): one
+    gather per group of sites, with no per-gate vector in between.
     """
 
     def __init__(self, gates: list[Gate], device: torch.device, sites: Sequence[GateSite] = ()) -> None:
         sizes = [g.size for g in gates]
-        width, total = max(sizes), sum(sizes)
-        real = np.arange(width)[None, :] < np.asarray(sizes)[:, None]
-        pad_index = np.full(real.size, total)  # position ``total``: the -inf appended to the gammas
-        pad_index[real.ravel()] = np.arange(total)
+        real = np.arange(max(sizes))[None, :] < np.asarray(sizes)[:, None]
+        real_flat = np.flatnonzero(real.ravel())  # the padded position of every unit, gate by gate
         self.sizes, self.shape, self.device = sizes, real.shape, device
-        self.pad_index = torch.as_tensor(pad_index, device=device)
-        self.real_index = torch.as_tensor(np.flatnonzero(real.ravel()), device=device)
+        self.real_index = torch.as_tensor(real_flat, device=device)
         self.real = torch.as_tensor(real, dtype=torch.float32, device=device)  # 1 at real units, 0 at padding
-        self.neg_inf = torch.full((1,), float("-inf"), device=device)
+        self.neg_inf = torch.full((real.size,), float("-inf"), device=device)
+        # Every unit's forced_off read in padded order; the padding reads an appended False.
+        forced_index = np.full(real.size, len(real_flat))
+        forced_index[real_flat] = np.arange(len(real_flat))
+        self.forced_index = torch.as_tensor(forced_index, device=device)
+        self.no = torch.zeros(1, dtype=torch.bool, device=device)
+        self.one = torch.ones(1, device=device)
         self.count = torch.tensor(sizes, dtype=torch.float32, device=device)[:, None]
         self.tau = torch.tensor([g.tau for g in gates], dtype=torch.float32, device=device)[:, None]
         self.keep = 1.0 - self.tau  # threshold()'s denominator, once
         self.penalty_weight = torch.tensor([g.penalty_weight for g in gates], dtype=torch.float32, device=device)
         self.row = {id(g): r for r, g in enumerate(gates)}
-        # The sites, grouped by the shape of their multiplier (dim, rank): per group one gather from
-        # ``cat(all values, [1])``, split into the sites' multipliers.
-        starts = np.cumsum([0, *sizes[:-1]])
-        groups: dict[tuple[int, int], list[np.ndarray]] = {}
-        self.slot: dict[int, tuple[tuple[int, int], int]] = {}  # id(site) -> (its group, its part)
-        for site in sites:
-            positions = _positions(site, self.row, starts, total)
-            if positions is not None:
-                group = groups.setdefault((site.dim, site.ndim), [])
-                self.slot[id(site)] = ((site.dim, site.ndim), len(group))
-                group.append(positions)
-        self.groups = {key: (torch.as_tensor(np.concatenate(parts), device=device), [len(p) for p in parts])
-                       for key, parts in groups.items()}
+        self.groups, self.slot = _site_groups(sites, self.row, real_flat[np.cumsum([0, *sizes[:-1]])], real.size,
+                                              device)
 
 
-def _positions(site: GateSite, row: dict[int, int], starts: np.ndarray, total: int) -> np.ndarray | None:
-    """Where each position of ``site`` reads in ``cat(all values, [1])``; None if one of its gates
-    is not in the batch."""
+def _site_groups(sites: Sequence[GateSite], row: dict[int, int], starts: np.ndarray, one: int,
+                 device: torch.device) -> tuple[dict[tuple[int, int], tuple[torch.Tensor, list[int]]],
+                                                dict[int, tuple[tuple[int, int], int]]]:
+    """The sites grouped by the shape of their multiplier (dim, rank): per group the positions all
+    its sites read (one gather) and their lengths (one split); per site its group and part."""
+    groups: dict[tuple[int, int], list[np.ndarray]] = {}
+    slot: dict[int, tuple[tuple[int, int], int]] = {}
+    for site in sites:
+        positions = _positions(site, row, starts, one)
+        if positions is not None:
+            group = groups.setdefault((site.dim, site.ndim), [])
+            slot[id(site)] = ((site.dim, site.ndim), len(group))
+            group.append(positions)
+    return ({key: (torch.as_tensor(np.concatenate(parts), device=device), [len(p) for p in parts])
+             for key, parts in groups.items()}, slot)
+
+
+def _positions(site: GateSite, row: dict[int, int], starts: np.ndarray, one: int) -> np.ndarray | None:
+    """Where each position of ``site`` reads in ``cat(padded values, [1])`` (``starts``: the padded
+    position of each gate's first unit; ``one``: that of the 1); None if one of its gates is not
+    in the batch."""
     if any(id(g) not in row for g in site.gates):
         return None
-    local = np.concatenate([starts[row[id(g)]] + np.arange(g.size) for g in site.gates] + [np.array([total])])
+    local = np.concatenate([starts[row[id(g)]] + np.arange(g.size) for g in site.gates] + [np.array([one])])
     return local[site.index.cpu().numpy()]
 
 
 def _padded_shares(gates: list[Gate], layout: _Layout) -> torch.Tensor:
     """Row-wise softmax of the gammas, one row per gate, zero past each gate's size."""
     # _parameters directly: nn.Module.__getattr__ would add a Python call per gate and forward
-    gammas = torch.cat([*(cast(torch.Tensor, g._parameters["gamma"]) for g in gates), layout.neg_inf])
+    gammas = torch.cat([cast(torch.Tensor, g._parameters["gamma"]) for g in gates])
     if gammas.dtype != torch.float32:
         gammas = gammas.float()
-    return torch.softmax(gammas[layout.pad_index].view(layout.shape), dim=1)
+    padded = layout.neg_inf.index_put((layout.real_index,), gammas)  # out of place: neg_inf is kept
+    return torch.softmax(padded.view(layout.shape), dim=1)
+
+
+def padded_values(gates: list[Gate], layout: _Layout) -> torch.Tensor:
+    """Every gate's values in the padded layout, flattened (0 at the padding)."""
+    gated = torch.relu(layout.count * _padded_shares(gates, layout) - layout.tau) / layout.keep  # threshold()
+    forced = torch.cat([*(cast(torch.Tensor, g._buffers["forced_off"]) for g in gates), layout.no])
+    return gated.flatten().masked_fill(forced[layout.forced_index], 0.0)
 
 
 def batched_values(gates: list[Gate], layout: _Layout) -> torch.Tensor:
     """``torch.cat([g.values() for g in gates])`` in one pass (the same formula, row by row)."""
-    gated = torch.relu(layout.count * _padded_shares(gates, layout) - layout.tau) / layout.keep  # threshold()
-    values = gated.flatten()[layout.real_index]
-    return values.masked_fill(torch.cat([g.forced_off for g in gates]), 0.0)
+    return padded_values(gates, layout)[layout.real_index]
 
 
 def batched_norms(gates: list[Gate], p: float, layout: _Layout) -> torch.Tensor:
@@ -109,6 +131,8 @@ def penalty_norms(gates: list[Gate], p: float, cache: dict) -> torch.Tensor:
     (the penalty's ~7 ops per gate are, like the values, dispatch-bound on a GPU)."""
     plain = len(gates) > 1 and all(g.batchable for g in gates)
     device = gates[0].gamma.device if gates else None
+    if device is not None and device.type == "meta":
+        raise_on_meta("autosparse.penalty", gates)
     if not plain or device is None or any(g.gamma.device != device for g in gates):
         return torch.stack([g.penalty(p) for g in gates])
     layout = cache.get(device)
@@ -128,32 +152,28 @@ class LazyBatch:
 
     def __init__(self, gates: list[Gate], layout: _Layout) -> None:
         self.gates, self.layout = gates, layout
-        self.flat: torch.Tensor | None = None  # every gate's values, concatenated
-        self.ext: torch.Tensor | None = None  # the same and a 1 (positions no gate controls)
+        self.ext: torch.Tensor | None = None  # the padded values and a 1 (positions no gate controls)
         self.rows: tuple[torch.Tensor, ...] | None = None
         self.parts: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
         self.sites: dict[tuple[int, torch.dtype], torch.Tensor] = {}
 
-    def _values(self) -> torch.Tensor:
-        if self.flat is None:
-            self.flat = batched_values(self.gates, self.layout)
-        return self.flat
+    def _ext(self) -> torch.Tensor:
+        if self.ext is None:
+            self.ext = torch.cat([padded_values(self.gates, self.layout), self.layout.one])
+        return self.ext
 
     def _group(self, key: tuple[int, int]) -> tuple[torch.Tensor, ...]:
         """The multipliers of one group of sites (one gather, one view, one split for all)."""
         if key not in self.parts:
-            if self.ext is None:
-                flat = self._values()
-                self.ext = torch.cat([flat, flat.new_ones(1)])
             index, sizes = self.layout.groups[key]
             dim, ndim = key
             shape = [-1 if d == dim else 1 for d in range(ndim)]
-            self.parts[key] = self.ext[index].view(shape).split(sizes, dim=dim)
+            self.parts[key] = self._ext()[index].view(shape).split(sizes, dim=dim)
         return self.parts[key]
 
     def row(self, gate: Gate) -> torch.Tensor:
-        if self.rows is None:
-            self.rows = self._values().split(self.layout.sizes)
+        if self.rows is None:  # only for a gate's values() inside a forward: sites read _group
+            self.rows = self._ext()[self.layout.real_index].split(self.layout.sizes)
         return self.rows[self.layout.row[id(gate)]]
 
     def shaped(self, site: GateSite, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -29,6 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
+from autosparse.errors import NotMaterializedError
+
 
 class ValueSource(Protocol):
     """What a gate can be lent: values for it computed elsewhere (``gating.batch.LazyBatch``, or
@@ -37,6 +39,20 @@ class ValueSource(Protocol):
     def row(self, gate: Gate) -> torch.Tensor: ...
 
 TINY_SHARE = 1e-30
+
+
+def raise_on_meta(what: str, gates: Sequence[Gate]) -> None:
+    """Raise :class:`NotMaterializedError` naming ``what`` if a gate is on the meta device.
+
+    A model sparsified on meta has shapes but no values: its gates' values, the penalty and the
+    schedule's bookkeeping would be meta tensors (or fail deep in torch on ``.item()``).
+    """
+    on_meta = [g.name for g in gates if cast(torch.Tensor, g._parameters["gamma"]).is_meta]
+    if on_meta:
+        raise NotMaterializedError(
+            f"{what}: the gates of this model are on the meta device ({len(on_meta)} of them, e.g. "
+            f"{on_meta[0]!r}), so they have no values; materialise first with "
+            "autosparse.io.materialize(net, state_dict) (docs/reliability.md).")
 
 
 def threshold(shares: torch.Tensor, count: float | torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
@@ -104,7 +120,12 @@ class Gate(nn.Module):
         return self
 
     def kept(self) -> int:
-        """Number of units whose gate value is not zero."""
+        """Number of units whose gate value is not zero.
+
+        Raises:
+            NotMaterializedError: the gate is on the meta device.
+        """
+        raise_on_meta(f"gate {self.name!r}: kept()", [self])
         with torch.no_grad():
             return int((self.values() != 0).sum())
 

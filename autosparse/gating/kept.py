@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import torch
 
-from autosparse.gating.gate import Gate
+from autosparse.gating.gate import Gate, raise_on_meta
 from autosparse.policy.rule import Rule
 
 
@@ -64,6 +64,7 @@ def kept_masks(gates: Sequence[Gate], rules: Sequence[Rule], *, predict: bool = 
         >>> [m.tolist() for m in kept_masks([a, b], [rule, rule], predict=True)]
         [[True, False, False, True], [False, True, True, False]]
     """
+    raise_on_meta("which units compaction keeps", gates)  # the cost model, compact, explain
     masks: list[torch.Tensor | None] = [None] * len(gates)
     for members in uniform_clusters(rules):
         if len(members) == 1 and not rules[members[0]].uniform:

@@ -18,7 +18,7 @@ from autosparse.analysis import Analysis, Group, analyze
 from autosparse.capture import capture
 from autosparse.compaction.record import record_of
 from autosparse.gating.kept import kept_masks
-from autosparse.state import get_state, is_sparsified, unwrap
+from autosparse.state import SparsityState, get_state, is_sparsified, unwrap
 
 
 @dataclass
@@ -139,8 +139,7 @@ def explain(model: nn.Module, *, example_inputs: tuple | None = None) -> Explana
         return report
     state = get_state(model)
     gates = {gg.name: (gg, gate) for gg, gate in zip(state.plan.gated, state.gate_list())}
-    masks = kept_masks(state.gate_list(), [gg.rule for gg in state.plan.gated])  # what compact() keeps
-    widths = {gg.name: (int(mask.sum()), gate.kept()) for gg, gate, mask in zip(state.plan.gated, state.gate_list(), masks)}
+    widths = _widths(state)
     skipped = dict(state.plan.skipped)
     wanted = {str(r.granularity) for r in state.policy.rules}
     analysis = state.plan.require_analysis()
@@ -158,7 +157,18 @@ def explain(model: nn.Module, *, example_inputs: tuple | None = None) -> Explana
     return report
 
 
-def _report(analysis: Analysis, widths: dict[str, tuple[int, int]], skipped: dict[str, str],
+def _widths(state: SparsityState) -> dict[str, tuple[int | None, int | None]]:
+    """Per gated group: (units compact() keeps, open gates). A model gated on the meta device has
+    no gate values yet (``autosparse.io.materialize`` gives them): its groups are reported with
+    their sizes only, as the shapes are all the plan needs."""
+    gate_list = state.gate_list()
+    if any(gate.gamma.is_meta for gate in gate_list):
+        return {gg.name: (None, None) for gg in state.plan.gated}
+    masks = kept_masks(gate_list, [gg.rule for gg in state.plan.gated])  # what compact() keeps
+    return {gg.name: (int(mask.sum()), gate.kept()) for gg, gate, mask in zip(state.plan.gated, gate_list, masks)}
+
+
+def _report(analysis: Analysis, widths: dict[str, tuple[int | None, int | None]], skipped: dict[str, str],
             modules: dict[str, nn.Module]) -> Explanation:
     out = Explanation(capture_kind=analysis.capture_kind, unknown_ops=analysis.unknown_ops)
     for g in analysis.groups:
