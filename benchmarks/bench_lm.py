@@ -11,7 +11,8 @@ method; which one keeps the lowest held-out bits per byte?
   4 layers, 8 query heads sharing 4 KV heads, MLP 384. Trained dense with AdamW and a cosine rate.
 * **methods** (each starts from the same trained dense model, each gets the same fine-tune steps):
   ``gates``: ``autosparse.sparsify`` with head (KV group) and MLP-channel rules and a ``params``
-  target, trained with the penalty (warm-up 10 %, freeze 60 %); ``prune_l2``: ``autosparse.prune``
+  target and the pretrained recipe (``regime: pretrained``: gates start from l2 magnitude, units close
+  progressively, freeze at 30 %); ``prune_l2``: ``autosparse.prune``
   with L2 magnitude per KV group and MLP channel, then fine-tuning; ``torch_pruning``: Torch-Pruning's
   LLM recipe (``MetaPruner`` with L2 magnitude, ``num_heads`` and ``prune_num_heads``), run in a
   separate process with a time limit; where it fails or hangs the row says so.
@@ -46,6 +47,7 @@ from torch import nn
 
 import autosparse
 from autosparse import training
+from autosparse.demo.run import lr_factors
 from autosparse.measure import count_params
 from autosparse.state import get_state, is_sparsified
 from benchmarks.common import base_parser, stamp, write_result
@@ -94,8 +96,8 @@ def bits_per_byte(model: nn.Module, held: torch.Tensor, windows: int = 64) -> fl
 
 
 def train(model: nn.Module, data: torch.Tensor, steps: int, seed: int, lr: float = 2e-3) -> nn.Module:
-    """AdamW with a cosine rate; a sparsified model gets the penalty, its gates their own rate, and
-    the cosine restarts at the freeze step (the fixed structure is then fine-tuned from the full rate)."""
+    """AdamW with a cosine rate; a sparsified model gets the penalty and its gates their own rate,
+    with the demo's schedule of its regime (``demo.lr_factors``: the cosine restarts at the freeze)."""
     generator = torch.Generator().manual_seed(seed)
     gated = is_sparsified(model)
     gates = training.gate_parameters(model) if gated else []
@@ -103,8 +105,8 @@ def train(model: nn.Module, data: torch.Tensor, steps: int, seed: int, lr: float
     groups = [{"params": rest, "lr": lr, "weight_decay": 0.01}]
     groups += [{"params": gates, "lr": 1e-2, "weight_decay": 0.0}] if gates else []
     optimizer = torch.optim.AdamW(groups)
-    freeze = get_state(model).policy.schedule.freeze_step if gated else None
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine(steps, freeze))
+    factors = lr_factors(steps, get_state(model).policy.schedule if gated else None)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     model.train()
     for _ in range(steps):
         loss = next_byte_loss(model, batch_at(data, generator))
@@ -119,16 +121,6 @@ def train(model: nn.Module, data: torch.Tensor, steps: int, seed: int, lr: float
     return model.eval()
 
 
-def cosine(total: int, restart: int | None):
-    def factor(t: int) -> float:
-        if restart is None or not 0 < restart < total:
-            return 0.5 * (1 + math.cos(math.pi * min(t, total) / total))
-        start, length = (0, restart) if t < restart else (restart, total - restart)
-        return 0.5 * (1 + math.cos(math.pi * min(t - start, length) / length))
-
-    return factor
-
-
 def block_params(model: nn.Module) -> int:
     return count_params(model.model.layers)
 
@@ -140,7 +132,9 @@ def policy(model: nn.Module, budget: float, steps: int) -> dict:
         "rules": [{"name": "heads", "granularity": "head"},
                   {"name": "mlp", "granularity": "channel", "types": ["Linear"]}],
         "penalty": {"lambda": 1e-3, "p": 0.5},
-        "schedule": {"warmup_steps": max(1, steps // 10), "freeze_step": max(2, int(0.6 * steps))},
+        # A trained model and a short fine-tune: the pretrained recipe (docs/training.md).
+        "schedule": {"warmup_steps": max(1, int(0.03 * steps)), "freeze_step": max(2, int(0.3 * steps)),
+                     "regime": "pretrained"},
         "target": {"params": (total - blocks + budget * blocks) / total, "tolerance": 0.02},
     }
 
