@@ -117,6 +117,27 @@ def test_prune_smoke(out: Path) -> None:
     assert {r["method"] for r in data["summary"]} >= {"l2", "torch_pruning"}
 
 
+def test_latency_target_smoke(out: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Latency budgets: the prediction lands on the target, the compacted models are timed, the table is cached."""
+    from benchmarks import bench_latency_target
+
+    monkeypatch.setenv("AUTOSPARSE_CACHE", str(tmp_path))  # time the tables here, not in the user's cache
+    bench_latency_target.main(["--smoke", "--out", str(out)])
+    data = _load(out, "latency_target")
+    assert set(data["models"]) == set(bench_latency_target.MODELS)
+    assert data["settings"]["batches"] == [1] and data["settings"]["table_repeats"]["min"] >= 3
+    assert (tmp_path / "latency.json").exists()
+    for rows in data["models"].values():
+        row = rows["1"]
+        target, by_latency, by_flops = row["target"], row["latency_target"], row["flops_target"]
+        assert target - 0.05 <= by_latency["predicted"] <= target + 1e-6
+        for timed in (by_latency, by_flops):
+            assert timed["ratio"] > 0 and timed["ratio_min"] > 0 and timed["dense_ms"] > 0 and timed["pairs"] >= 1
+            assert 0 < timed["flops_frac"] <= 1 and timed["params"] > 0
+        assert by_flops["predicted"] is None and row["prune_s"] > 0 and row["prune_cached_s"] > 0
+        assert row["error"] == pytest.approx(by_latency["ratio"] / target - 1, abs=1e-3)
+
+
 def test_lm_smoke(out: Path) -> None:
     """The byte-level Llama benchmark: stdlib corpus split by file, every method lands near its budget."""
     from benchmarks import bench_lm

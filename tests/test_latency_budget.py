@@ -24,7 +24,7 @@ from autosparse.measure import latency_report
 from autosparse.policy import load_policy
 from autosparse.pruning import prune, selection_of
 from autosparse.state import get_state
-from autosparse.training import latency
+from autosparse.training import latency, latency_timing
 from autosparse.training.budget import build_cost_model
 from autosparse.training.latency import Curve, latency_table
 
@@ -84,8 +84,8 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture()
 def fake_timer(monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
-    monkeypatch.setattr(latency, "_Timing", FakeTiming)
-    monkeypatch.setattr(latency, "_hook_overhead", lambda now, sync: 0.0)
+    monkeypatch.setattr(latency_timing, "_Timing", FakeTiming)
+    monkeypatch.setattr(latency_timing, "_hook_overhead", lambda now, sync: 0.0)
 
 
 # ----------------------------------------------------------------------------- policy
@@ -164,7 +164,7 @@ def test_cache_round_trip_measures_nothing_the_second_time(fake_timer: None, cac
     def boom(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("timed again despite the cache")
 
-    monkeypatch.setattr(latency, "_Timing", boom)
+    monkeypatch.setattr(latency_timing, "_Timing", boom)
     second = latency_table(net)
     assert second.cached and second.entries == first.entries and second.dense_ms == first.dense_ms
 
