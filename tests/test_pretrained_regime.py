@@ -37,7 +37,10 @@ def _policy(regime: str = "pretrained", **schedule) -> dict:
 def test_initial_gates_rank_units_like_l2_magnitude_and_keep_the_function():
     net = autosparse.sparsify(_cnn(), _policy(), example_inputs=(X,))
     l2 = unit_importance(net, "l2")  # autosparse.prune's criterion, on the untouched weights
-    assert all(torch.allclose(a, b) for a, b in zip(magnitude_scores(net), l2))
+    m = _cnn()  # the same weights: the first group's units are conv0's rows, bn0's affine, conv1's columns
+    by_hand = (m[0].weight.pow(2).sum((1, 2)) + m[0].bias.pow(2) + m[1].weight.pow(2) + m[1].bias.pow(2)
+               + m[3].weight.pow(2).sum((0, 2))).sqrt().double()
+    assert torch.allclose(magnitude_scores(net)[0], by_hand) and torch.allclose(l2[0], by_hand)
     before = net(X)
     assert init_from_magnitude(net) == 2
     assert torch.allclose(net(X), before, atol=1e-5)  # folded into the weights: the same function

@@ -22,16 +22,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils import parametrize
 
-from autosparse.analysis import Role
 from autosparse.errors import ArgumentError
 from autosparse.gating.batch import batch_gates, unbatch_gates
-from autosparse.state import SparsityState, get_state, parametrization_chains
+from autosparse.state import SparsityState, get_state
+from autosparse.training.init import magnitude_scores
 
 IMPORTANCES: tuple[str, ...] = ("l1", "l2", "taylor", "random")
 LossFn = Callable[[Any, Any], torch.Tensor]
@@ -83,55 +81,7 @@ def unit_importance(net: nn.Module, importance: str = "l2", *, data: Iterable | 
         if data is None:  # refused by check_importance above; checked again for the type
             raise ArgumentError(_TAYLOR_NEEDS_DATA)
         return _taylor(net, state, data, loss_fn or default_loss)
-    return _magnitude(net, state, 1.0 if importance == "l1" else 2.0)
-
-
-def _magnitude(net: nn.Module, state: SparsityState, p: float) -> list[torch.Tensor]:
-    """``(sum |w|^p)^(1/p)`` over each unit's parameter slices (its output weight for a branch)."""
-    sums = [torch.zeros(len(gg.units), dtype=torch.float64) for gg in state.plan.gated]
-    where: dict[int, tuple[int, int]] = {}  # class root -> (group, unit)
-    for i, gg in enumerate(state.plan.gated):
-        for j, branch in enumerate(gg.branches):
-            for name in (branch.weight, branch.bias):  # the whole tensor: it feeds this branch only
-                tensor = _weight(net, name) if name else None
-                if tensor is not None:
-                    sums[i][j] += float(tensor.detach().double().abs().pow(p).sum())
-        if not gg.branches:
-            where.update({int(r): (i, j) for j, r in enumerate(gg.units)})
-    seen: set[tuple[str, int]] = set()
-    for member in state.plan.analysis.members if state.plan.analysis else []:
-        if (member.name, member.dim) in seen or member.role not in (Role.PRODUCER, Role.CONSUMER, Role.FOLLOWER):
-            continue
-        seen.add((member.name, member.dim))
-        tensor = _weight(net, member.name)
-        if tensor is None:
-            continue
-        per_position = _per_position(tensor, member.dim, p)
-        for pos, root in enumerate(np.asarray(member.ids).tolist()):
-            hit = where.get(int(root))
-            if hit is not None:
-                sums[hit[0]][hit[1]] += per_position[pos]
-    return [s.pow(1.0 / p) for s in sums]
-
-
-def _per_position(tensor: torch.Tensor, dim: int, p: float) -> list[float]:
-    """``sum |w|^p`` over every dim but ``dim``, one float per position along ``dim``."""
-    flat = tensor.detach().double().abs().pow(p).movedim(dim, 0).reshape(tensor.shape[dim], -1)
-    return flat.sum(dim=1).cpu().tolist()
-
-
-def _weight(net: nn.Module, name: str) -> torch.Tensor | None:
-    """The *parameter* ``name`` (``conv.weight``) as it is before its gates; ``None`` for buffers
-    and for names the model does not have (a tied alias the analysis knows under another name)."""
-    owner_name, _, attr = name.rpartition(".")
-    try:
-        owner = net.get_submodule(owner_name)
-    except AttributeError:
-        return None
-    if parametrize.is_parametrized(owner, attr):
-        return parametrization_chains(owner)[attr].original
-    value = getattr(owner, attr, None)
-    return value if isinstance(value, nn.Parameter) else None  # never a buffer such as running_var
+    return magnitude_scores(net, 1.0 if importance == "l1" else 2.0)
 
 
 def default_loss(outputs: Any, target: torch.Tensor) -> torch.Tensor:

@@ -39,11 +39,12 @@ FLOOR = 0.05  # the smallest initial gate value: far enough above 0 that the fol
 _ROLES = (Role.PRODUCER, Role.CONSUMER, Role.FOLLOWER)
 
 
-def magnitude_scores(model: nn.Module) -> list[torch.Tensor]:
-    """The l2 norm of every parameter slice removed with each unit, per gated group (plan order).
+def magnitude_scores(model: nn.Module, p: float = 2.0) -> list[torch.Tensor]:
+    """``(sum |w|^p)^(1/p)`` over every parameter slice removed with each unit, per gated group (plan order).
 
-    The same criterion as ``autosparse.pruning``'s ``l2`` importance (producer rows, consumer
-    columns, norm affines; a residual branch's output weight), read from the weights before any gate.
+    The one home of the magnitude criterion: ``autosparse.pruning``'s ``l1`` / ``l2`` importances
+    call it too. Producer rows, consumer columns, norm affines; a residual branch's whole output
+    weight (it feeds that branch only); read from the weights before any gate.
 
     Example:
         >>> [s.shape for s in magnitude_scores(net)]
@@ -52,13 +53,13 @@ def magnitude_scores(model: nn.Module) -> list[torch.Tensor]:
     model = unwrap(model)
     state = get_state(model)
     sums = [torch.zeros(len(gg.units), dtype=torch.float64) for gg in state.plan.gated]
-    where: dict[int, tuple[int, int]] = {}
+    where: dict[int, tuple[int, int]] = {}  # class root -> (group, unit)
     for i, gg in enumerate(state.plan.gated):
         for j, branch in enumerate(gg.branches):
             for name in (branch.weight, branch.bias):
                 tensor = _parameter(model, name) if name else None
                 if tensor is not None:
-                    sums[i][j] += float(tensor.detach().double().pow(2).sum())
+                    sums[i][j] += float(tensor.detach().double().abs().pow(p).sum())
         if not gg.branches:
             where.update({int(r): (i, j) for j, r in enumerate(gg.units)})
     seen: set[tuple[str, int]] = set()
@@ -67,12 +68,12 @@ def magnitude_scores(model: nn.Module) -> list[torch.Tensor]:
         if (member.name, member.dim) in seen or member.role not in _ROLES or tensor is None:
             continue
         seen.add((member.name, member.dim))
-        flat = tensor.detach().double().pow(2).movedim(member.dim, 0).reshape(tensor.shape[member.dim], -1)
+        flat = tensor.detach().double().abs().pow(p).movedim(member.dim, 0).reshape(tensor.shape[member.dim], -1)
         for pos, (root, value) in enumerate(zip(np.asarray(member.ids).tolist(), flat.sum(1).tolist())):
             hit = where.get(int(root))
             if hit is not None and pos < flat.shape[0]:
                 sums[hit[0]][hit[1]] += value
-    return [s.sqrt() for s in sums]
+    return [s.pow(1.0 / p) for s in sums]
 
 
 def _parameter(model: nn.Module, name: str) -> torch.Tensor | None:
