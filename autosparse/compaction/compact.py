@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from autosparse.compaction.copying import copy_sharing, throwaway_copy, unshare
 from autosparse.compaction.hf_config import sync_config
 from autosparse.compaction.layer_gates import remove_branches
 from autosparse.compaction.record import Record, attach_record
-from autosparse.compaction.replay import base_config, replay
+from autosparse.compaction.replay import base_config, replay, slice_kept
 from autosparse.errors import ArgumentError, CompactionError, EquivalenceError
 from autosparse.gating.batch import unbatch_gates
 from autosparse.gating.gate import GateSite, remove_input_gating
@@ -53,12 +54,17 @@ def removed_units(state: SparsityState) -> tuple[set[int], dict[str, dict[str, i
 def _keep_one_per_producer(state: SparsityState, removed: set[int]) -> None:
     """A group can span several producers (concat parts joined by a depthwise conv); min_keep counts
     the group, so one producer could lose every output. Keep one (zero-gated, so exact) unit there."""
-    for member in state.plan.require_analysis().members:
-        if member.role != Role.PRODUCER or len(member.ids) == 0:
-            continue
-        roots = np.unique(member.ids)
-        if all(int(r) in removed for r in roots):
-            removed.discard(int(roots[0]))
+    producers = [m.ids for m in state.plan.require_analysis().members if m.role == Role.PRODUCER and len(m.ids)]
+    if not producers or not removed:
+        return
+    # One mask, not a set look-up per unit: this runs in every dry-run trial.
+    is_removed = np.zeros(max(max(removed), *(int(ids.max()) for ids in producers)) + 1, dtype=bool)
+    is_removed[np.fromiter(removed, dtype=np.int64, count=len(removed))] = True
+    for ids in producers:
+        if is_removed[ids].all():
+            first = int(ids.min())
+            removed.discard(first)
+            is_removed[first] = False
 
 
 def removed_branches(state: SparsityState) -> list[Branch]:
@@ -106,7 +112,7 @@ def _build(model: nn.Module, state: SparsityState, removed: set[int], inplace: b
     else:
         target = copy_sharing(model, _replaced_tensors(model, _kept_positions(state, removed)))
     try:
-        record = _apply(target, state, removed)
+        record = _apply_throwaway(target, state, removed) if throwaway else _apply(target, state, removed)
         record.replaced, record.dropped_layers = remove_branches(model, target, state, removed_branches(state))
         if not throwaway:
             record.config_changes = sync_config(target)
@@ -224,8 +230,30 @@ def _apply(model: nn.Module, state: SparsityState, removed: set[int]) -> Record:
     return record
 
 
+def _apply_throwaway(model: nn.Module, state: SparsityState, removed: set[int]) -> Record:
+    """:func:`_apply` on the dry run's copy: the same slices and folds, without what only a kept
+    result needs (the base config and shapes that ``save`` stores, re-checking positions that
+    :func:`_kept_arrays` built from this very plan) and without ``parametrize``'s class surgery."""
+    pending = _unparametrize(model, throwaway=True)
+    model.__dict__.pop("_autosparse", None)
+    kept = _kept_arrays(state, removed)
+    empty = next((f"{name} dim {dim}" for name, dims in kept.items() for dim, keep in dims.items() if not len(keep)),
+                 None)
+    if empty is not None:  # what replay's check refuses in compact(): keep the dry run as strict
+        raise CompactionError(f"the plan keeps no position of tensor {empty}")
+    slice_kept(model, kept)
+    _fold(pending, kept)
+    return Record()
+
+
 def _kept_positions(state: SparsityState, removed: set[int]) -> dict[str, dict[str, list[int]]]:
     """``Record.kept``: for every tensor and dim that loses positions, the positions it keeps."""
+    return {name: {dim: keep.tolist() for dim, keep in dims.items()}
+            for name, dims in _kept_arrays(state, removed).items()}
+
+
+def _kept_arrays(state: SparsityState, removed: set[int]) -> dict[str, dict[str, np.ndarray]]:
+    """:func:`_kept_positions` as arrays (the dry run slices with them and never stores them)."""
     by_tensor: dict[tuple[str, int], np.ndarray] = {}
     for m in state.plan.require_analysis().members:
         by_tensor.setdefault((m.name, m.dim), m.ids)
@@ -233,11 +261,11 @@ def _kept_positions(state: SparsityState, removed: set[int]) -> dict[str, dict[s
     size = max([int(ids.max()) for ids in by_tensor.values() if len(ids)] + [int(removed_arr.max(initial=0))]) + 1
     is_removed = np.zeros(size, dtype=bool)  # one mask: np.isin per tensor re-sorts the removed set
     is_removed[removed_arr] = True
-    kept: dict[str, dict[str, list[int]]] = {}
+    kept: dict[str, dict[str, np.ndarray]] = {}
     for (name, dim), ids in by_tensor.items():
         keep = np.flatnonzero(~is_removed[ids])
         if len(keep) < len(ids):
-            kept.setdefault(name, {})[str(dim)] = keep.tolist()
+            kept.setdefault(name, {})[str(dim)] = keep
     return kept
 
 
@@ -277,14 +305,16 @@ class _Fold:
     multipliers: list[tuple[int, torch.Tensor]]  # (dim, gate value per position), in chain order
 
 
-def _unparametrize(model: nn.Module) -> list[_Fold]:
+def _unparametrize(model: nn.Module, throwaway: bool = False) -> list[_Fold]:
     """Remove every gate parametrization, leaving the weights as they are; return the folds owed."""
     unbatch_gates(model)
-    pending = []
+    pending: list[_Fold] = []
     for name, module in list(model.named_modules()):
         if not parametrize.is_parametrized(module):
             continue
         remove_input_gating(module)
+        if throwaway and _drop_sites(module, name, pending):
+            continue
         # A deep copy shares the dynamically created Parametrized* class with the original, and
         # removing a parametrization deletes the property from that class: give this instance its
         # own class first, or the gated model we were given would lose its weights.
@@ -305,7 +335,31 @@ def _unparametrize(model: nn.Module) -> list[_Fold]:
     return pending
 
 
-def _fold(pending: list[_Fold], kept: dict[str, dict[str, list[int]]]) -> None:
+def _drop_sites(module: nn.Module, name: str, pending: list[_Fold]) -> bool:
+    """On the dry run's copy, where every chain is of gate sites only: give each weight back its
+    original tensor and the module its own class again, and owe the folds; False (nothing done)
+    for any other chain. What ``remove_parametrizations`` does, less the per-module class it needs
+    so that the copied-from model keeps its properties: the copy is only reverted to its base class."""
+    chains = parametrization_chains(module)
+    if not all(chain.is_tensor and all(isinstance(p, GateSite) for p in chain) for chain in chains.values()):
+        return False
+    prefix = f"{name}." if name else ""
+    with torch.no_grad():
+        for attr, chain in chains.items():
+            sites = cast("list[GateSite]", list(chain))  # all GateSite: checked above
+            pending.append(_Fold(module, attr, prefix + attr, [(site.dim, site.values().detach()) for site in sites]))
+    del module._modules["parametrizations"]
+    module.__class__ = type(module).__bases__[0]
+    for attr, chain in chains.items():
+        original = chain.original
+        if isinstance(original, nn.Parameter):
+            module._parameters[attr] = original
+        else:
+            module._buffers[attr] = original
+    return True
+
+
+def _fold(pending: list[_Fold], kept: Mapping[str, Mapping[str, Collection[int]]]) -> None:
     """Multiply each (already sliced) weight by its gates' values at the positions it kept."""
     with torch.no_grad():
         for fold in pending:

@@ -94,8 +94,10 @@ def _object(value: Any, memo: dict[int, Any], plain: dict[type, bool]) -> Any:
     # Children first: hooks and plain objects that point at submodules (a root hook holding every
     # gate) then find them in ``memo`` instead of deep-copying them the slow way.
     copied = {key: _value(state[key], memo, plain) for key in _CHILDREN if key in state}
-    new.__dict__.update({key: copied[key] if key in copied else _value(item, memo, plain)
-                         for key, item in state.items()})
+    # Atomic values (most of a module's attributes) are kept without a call: this loop runs for
+    # every attribute of every module of the copy.
+    new.__dict__.update({key: copied[key] if key in copied else item if type(item) in _ATOMIC
+                         else _value(item, memo, plain) for key, item in state.items()})
     return new
 
 

@@ -17,7 +17,7 @@ import hashlib
 import json
 import operator
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, cast
 
 import torch
@@ -155,20 +155,45 @@ def replay(model: nn.Module, kept: Mapping[str, Mapping[str, list[int]]]) -> Sha
     modules = _Modules(model)
     check(model, kept, modules)
     base = architecture(model)
+    slice_kept(model, kept, modules)
+    return base
+
+
+def slice_kept(model: nn.Module, kept: Mapping[str, Mapping[str, Collection[int]]],
+               modules: _Modules | None = None) -> None:
+    """The mutating half of :func:`replay`, for positions already known to fit (the dry run's own,
+    built from this model's plan: :func:`check` only repeats what their construction guarantees)."""
+    modules = modules or _Modules(model)
     old_shapes: dict[str, dict[str, tuple[int, ...]]] = defaultdict(dict)
     for name, dims in kept.items():
         owner_name, _, attr = name.rpartition(".")
         owner = modules.get(owner_name)
         old_shapes[owner_name].setdefault(attr, tuple(getattr(owner, attr).shape))
-        for dim, positions in dims.items():
-            slice_tensor(owner, attr, int(dim), torch.as_tensor(positions, dtype=torch.long))
+        _slice_dims(owner, attr, dims)
     for owner_name, shapes in old_shapes.items():
         fix_attributes(modules.get(owner_name), shapes)
     # Head counts live on the module that holds the projections, one level above the sliced weights.
     for parent in dict.fromkeys(owner.rpartition(".")[0] for owner in old_shapes):
         fix_attention(modules.get(parent))
     disable_nested_fast_path(model)  # an nn.TransformerEncoder over attention that lost heads
-    return base
+
+
+def _slice_dims(owner: nn.Module, attr: str, dims: Mapping[str, Collection[int]]) -> None:
+    """Slice every dim of one tensor, then set it once: one new Parameter (and one module
+    ``__setattr__``) per tensor rather than per dim, the smaller intermediate first."""
+    if len(dims) == 1:
+        ((dim, positions),) = dims.items()
+        slice_tensor(owner, attr, int(dim), torch.as_tensor(positions, dtype=torch.long))
+        return
+    old = getattr(owner, attr)
+    new = old.detach()
+    shrink = sorted(dims.items(), key=lambda item: len(item[1]) / old.shape[int(item[0])])
+    for dim, positions in shrink:
+        new = new.index_select(int(dim), torch.as_tensor(positions, dtype=torch.long, device=old.device))
+    if isinstance(old, nn.Parameter):
+        setattr(owner, attr, nn.Parameter(new, requires_grad=old.requires_grad))
+    else:
+        owner.register_buffer(attr, new, persistent=attr not in owner._non_persistent_buffers_set)
 
 
 def check_layers(model: nn.Module, replaced: Mapping[str, int], dropped: Sequence[str]) -> None:
