@@ -7,9 +7,8 @@ are sliced before their gates are folded in, so no full-size folded weight is bu
 
 from __future__ import annotations
 
-import contextlib
 import copy
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import cast
 
@@ -21,6 +20,7 @@ from torch.nn.utils import parametrize
 from autosparse.analysis import Role
 from autosparse.analysis.branches import Branch
 from autosparse.compaction.copying import copy_sharing, throwaway_copy, unshare
+from autosparse.compaction.equivalence import check_equivalence
 from autosparse.compaction.hf_config import sync_config
 from autosparse.compaction.layer_gates import remove_branches
 from autosparse.compaction.record import Record, attach_record
@@ -29,7 +29,7 @@ from autosparse.errors import ArgumentError, CompactionError, EquivalenceError
 from autosparse.gating.batch import unbatch_gates
 from autosparse.gating.gate import GateSite, remove_input_gating
 from autosparse.gating.kept import kept_mask, kept_masks
-from autosparse.state import SparsityState, flatten_outputs, get_state, parametrization_chains, run_model
+from autosparse.state import SparsityState, get_state, parametrization_chains
 
 
 def removed_units(state: SparsityState) -> tuple[set[int], dict[str, dict[str, int]]]:
@@ -381,46 +381,3 @@ def _fold(pending: list[_Fold], kept: Mapping[str, Mapping[str, Collection[int]]
 def fold_gates(model: nn.Module) -> None:
     """Bake every gate site into its weight (W * g), leaving plain parameters at full size."""
     _fold(_unparametrize(model), {})
-
-
-@contextlib.contextmanager
-def _full_fp32() -> Iterator[None]:
-    """No TF32 while verifying: CUDA convs use it by default, and its ~1e-3 rounding differs between
-    two convs of different widths, so it would hide (or fake) a difference the check is about."""
-    matmul = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
-            yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul
-
-
-def check_equivalence(gated: nn.Module, compact: nn.Module, state: SparsityState, rtol: float) -> float:
-    """Max abs difference of all outputs relative to the output scale; raises over ``rtol``."""
-    with _full_fp32():
-        ref = flatten_outputs(run_model(gated, state))
-    try:
-        with _full_fp32():
-            out = flatten_outputs(run_model(compact, state))
-    except Exception as exc:  # the compacted forward itself failed: stale attributes or an unknown layout
-        raise EquivalenceError(
-            f"the compacted model fails on the example inputs ({type(exc).__name__}: {exc}). A module "
-            "probably keeps a size attribute autosparse does not know; register a fixer in "
-            "autosparse.modules.surgery.FIXERS for it, or exclude its group in the policy."
-        ) from exc
-    if len(ref) != len(out):
-        raise EquivalenceError(f"compacted model returns {len(out)} tensors, gated model {len(ref)}")
-    worst = 0.0
-    for a, b in zip(ref, out):
-        if a.shape != b.shape:
-            raise EquivalenceError(f"output shape changed: {tuple(a.shape)} -> {tuple(b.shape)}")
-        scale = max(float(a.abs().max()), 1e-6) if a.numel() else 1.0
-        worst = max(worst, float((a.float() - b.float()).abs().max()) / scale if a.numel() else 0.0)
-    if worst > rtol:
-        raise EquivalenceError(
-            f"compacted model differs from the gated model by {worst:.3g} (relative, allowed {rtol:g}). "
-            "This is a bug in autosparse's analysis for this architecture (or a custom op rule); please "
-            "report it with autosparse.explain(model)."
-        )
-    return worst
