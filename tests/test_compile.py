@@ -3,7 +3,7 @@
 ``torch._dynamo.explain`` traces the gated forward (train mode: the batched gate computation, the
 lean weight getters and the input-or-weight gating of :class:`_GatedForward` all run) and counts
 the graphs. One graph and no break for a residual conv net and for an attention block with head
-gates, like the ungated models. Timing compiled steps is the benchmark's job
+gates, like the ungated models; and no recompile of the penalty while lambda ramps up. Timing compiled steps is the benchmark's job
 (``benchmarks/bench_gate_overhead.py --compile``), not a test's.
 """
 
@@ -45,4 +45,25 @@ def test_gated_loss_with_penalty_compiles_without_graph_breaks():
 
     graphs, breaks, reasons = _breaks(loss, *inputs)
     assert breaks == 0, reasons
+    dynamo.reset()
+
+
+def test_compiled_penalty_does_not_recompile_during_warm_up():
+    """Lambda ramps every warm-up step; the compiled penalty reads it as a tensor, not a constant."""
+    model, inputs = get_case("resnet_basic").build()
+    policy = {**CHANNEL, "penalty": {"lambda": 0.5}, "schedule": {"warmup_steps": 4}}
+    net = autosparse.sparsify(model, policy, example_inputs=inputs).train()
+    autosparse.penalty(net)  # builds the schedule's state outside the traced region
+    dynamo.reset()
+    counters = dynamo.utils.counters
+    counters.clear()
+    compiled = torch.compile(lambda: autosparse.penalty(net), backend="eager", fullgraph=True)
+    seen = []
+    for _ in range(4):
+        autosparse.training.step(net)
+        value = compiled()
+        assert torch.allclose(value, autosparse.penalty(net)), "the compiled penalty uses the current lambda"
+        seen.append(float(value.detach()))
+    assert seen == sorted(seen) and seen[0] < seen[-1], f"lambda ramps up during warm-up: {seen}"
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["recompiles"]) or dict(counters["stats"])
     dynamo.reset()

@@ -63,6 +63,7 @@ class TrainingState:
     last: dict[str, float] = field(default_factory=dict)  # the record of the latest step
     stride: int = 1  # history keeps every stride-th step
     penalty_layouts: dict = field(default_factory=dict)  # gate_batch layouts by device (constants)
+    scale: torch.Tensor | None = None  # per gate lambda_now * cost weight, see _penalty_scale
     pending_init: bool = False  # regime pretrained: gates start from l2 magnitude at the first step
 
 
@@ -145,11 +146,33 @@ def _scaled_norms(model: nn.Module) -> torch.Tensor:
     ops per gate forward and backward, noticeable when small layers make every op count)."""
     state = get_state(model)
     tr = training_state(model)
-    lam, p = current_lambda(model), state.policy.penalty.p
     gates = state.gate_list()
-    norms = penalty_norms(gates, p, tr.penalty_layouts)
-    scale = torch.tensor([lam * w for w in tr.weights], dtype=norms.dtype, device=norms.device)
+    norms = penalty_norms(gates, state.policy.penalty.p, tr.penalty_layouts)
+    scale = _penalty_scale(model, tr)
+    if scale.device != norms.device or scale.dtype != norms.dtype:
+        scale = scale.to(device=norms.device, dtype=norms.dtype)
     return norms * scale
+
+
+def _penalty_scale(model: nn.Module, tr: TrainingState) -> torch.Tensor:
+    """Per gate ``lambda_now * cost_weight``, as a tensor kept in ``tr.scale``.
+
+    Under ``torch.compile`` a Python float read from the schedule (the step, the warm-up factor,
+    the controller's scale) would be baked into the graph and guarded on, so every warm-up step
+    would recompile. The compiled penalty reads ``tr.scale`` instead, a graph input; eager calls
+    and :func:`step` replace it with the current values. Replaced rather than updated in place: a
+    graph not yet backpropagated (the penalty computed twice before one backward) saved the old one.
+    """
+    if tr.scale is not None and torch.compiler.is_compiling():
+        return tr.scale
+    return _refresh_scale(model, tr)
+
+
+def _refresh_scale(model: nn.Module, tr: TrainingState) -> torch.Tensor:
+    lam = current_lambda(model)
+    device = next((g.gamma.device for g in get_state(model).gate_list()), torch.device("cpu"))
+    tr.scale = torch.tensor([lam * w for w in tr.weights], dtype=torch.float32, device=device)
+    return tr.scale
 
 
 def penalty_value(model: nn.Module) -> torch.Tensor:
@@ -219,6 +242,8 @@ def step(model: nn.Module) -> None:
         tr.weights = _cost_weights(state, tr)
     record["lambda"] = current_lambda(model)
     _record(tr, record)
+    if tr.scale is not None:
+        _refresh_scale(model, tr)  # what a compiled penalty reads (_penalty_scale)
     freeze_at = state.policy.schedule.freeze_step
     if freeze_at is not None and state.step >= freeze_at:
         freeze(model)
@@ -268,6 +293,8 @@ def freeze(model: nn.Module) -> None:
         gate.gamma.grad = None
     tr.snapshot = [gate.gamma.detach().clone() for gate in state.gate_list()]
     tr.frozen = True
+    if tr.scale is not None:
+        _refresh_scale(model, tr)  # lambda 0 for a compiled penalty_terms()
 
 
 def _normalize(model: nn.Module, state: SparsityState) -> None:
