@@ -152,3 +152,17 @@ def test_lm_smoke(out: Path) -> None:
         row = rows[(method, 0.5)]
         assert row["ok"] == 1 and 0 < row["bpb"] < 8.5  # 8 bits/byte is a uniform guess over bytes
         assert 0.4 < row["block_fraction"] <= 0.52
+
+
+def test_pretrained_smoke(out: Path) -> None:
+    """The pretrained-regime benchmark: every method lands on the FLOPs budget from the same dense model."""
+    from benchmarks import bench_pretrained
+
+    bench_pretrained.main(["--smoke", "--methods", "gates", "prune_l2", "--out", str(out)])
+    data = _load(out, "pretrained_smoke")
+    rows = {r["method"]: r for r in data["summary"]}
+    assert set(rows) == {"dense", "gates", "prune_l2"}
+    for method in ("gates", "prune_l2"):
+        assert 0.2 < rows[method]["flops_fraction_mean"] <= 0.3 + 0.05 * 0.3 + 1e-9
+        assert 0 <= rows[method]["accuracy_mean"] <= 100
+    assert (out / "pretrained_smoke.md").read_text().count("|") > 4
