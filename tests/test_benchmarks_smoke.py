@@ -166,3 +166,13 @@ def test_pretrained_smoke(out: Path) -> None:
         assert 0.2 < rows[method]["flops_fraction_mean"] <= 0.3 + 0.05 * 0.3 + 1e-9
         assert 0 <= rows[method]["accuracy_mean"] <= 100
     assert (out / "pretrained_smoke.md").read_text().count("|") > 4
+
+
+def test_inplace_smoke(out: Path) -> None:
+    """The in-place bfloat16 Llama benchmark: gates zeroed, compacted in place, fewer parameters."""
+    from benchmarks import bench_inplace
+
+    bench_inplace.main(["--smoke", "--out", str(out)])
+    data = _load(out, "inplace_smoke")
+    assert data["params_after"] > 0 and data["weights_mb"] > 0 and data["peak_rss_mb"] >= data["rss_before_mb"] > 0
+    assert data["total_s"] >= data["sparsify_s"] > 0
