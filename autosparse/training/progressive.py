@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from autosparse.gating.gate import Gate
 from autosparse.state import SparsityState
 from autosparse.training.budget import CostModel
 
@@ -40,24 +41,29 @@ def close_to(state: SparsityState, cost: CostModel, target: float) -> list[tuple
     """
     gates = state.gate_list()
     floors = cost.smallest(state)
+    values = [_values(gate) for gate in gates]  # only the gate that closed a unit changes per round
     closed: list[tuple[str, int]] = []
     while cost.fraction(cost.kept_now(state)) > target:
         best: tuple[int, int] | None = None
         best_score = float("inf")
         for i, gate in enumerate(gates):
-            with torch.no_grad():
-                values = gate.values().detach().double().cpu()
-            alive = (values != 0).nonzero().flatten()
+            alive = (values[i] != 0).nonzero().flatten()
             lo, hi = cost.offsets[i], cost.offsets[i + 1]
             if len(alive) <= int(floors[lo:hi].sum()):
                 continue
-            mean = float(values[alive].mean()) or 1.0
-            scores = values[alive] / mean * (gate.size / len(alive))
+            mean = float(values[i][alive].mean()) or 1.0
+            scores = values[i][alive] / mean * (gate.size / len(alive))
             j = int(torch.argmin(scores))
             if float(scores[j]) < best_score:
                 best, best_score = (i, int(alive[j])), float(scores[j])
         if best is None:
             return closed
         gates[best[0]].zero_([best[1]])
+        values[best[0]] = _values(gates[best[0]])
         closed.append((state.plan.gated[best[0]].name, best[1]))
     return closed
+
+
+def _values(gate: Gate) -> torch.Tensor:
+    with torch.no_grad():
+        return gate.values().detach().double().cpu()
