@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
@@ -127,6 +129,8 @@ def make_plan(policy: Policy, analysis: Analysis, model: nn.Module,
             skipped.append((group.name, why or f"no {group.granularity} rule matches {group.producers}"))
             continue
         used_rules.add(id(rule))
+        if rule.round_to % group.round_to:  # an op needs aligned widths (see Group.round_to)
+            rule = dataclasses.replace(rule, round_to=math.lcm(rule.round_to, group.round_to))
         gated.append(GatedGroup(_key(group.name, taken), group, rule, free))
     for gg in _layer_groups(policy, branches or [], modules, taken):
         used_rules.add(id(gg.rule))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping
 
-from autosparse.analysis import ops_layers, ops_mha, ops_shape, ops_tables, ops_tensor
+from autosparse.analysis import ops_experts, ops_layers, ops_mha, ops_shape, ops_tables, ops_tensor
 from autosparse.analysis.context import Member, Role
 from autosparse.analysis.groups import Analysis, Group, build_groups, walk
 from autosparse.analysis.registry import Handler, Registry, RuleKey
@@ -17,6 +17,7 @@ ops_shape.register(DEFAULT_RULES)
 ops_layers.register(DEFAULT_RULES)
 ops_mha.register(DEFAULT_RULES)
 ops_tables.register(DEFAULT_RULES)
+ops_experts.register(DEFAULT_RULES)
 
 
 def analyze(capture: Capture, op_rules: Registry | Mapping[RuleKey, Handler] | None = None) -> Analysis:

@@ -77,6 +77,9 @@ class State:
     # Features that never became a group (a weighted op whose weight is computed in forward, such
     # as a weight-standardised conv): (module, reason), so explain() still lists them.
     refused: dict[str, str] = field(default_factory=dict)
+    # (ids, k): the group holding these channels must keep a multiple of k of them (a kernel's
+    # alignment, e.g. a grouped matmul's 16-byte strides); the plan rounds its rule's round_to up.
+    multiple_of: list[tuple[np.ndarray, int]] = field(default_factory=list)
 
     def reaches_output(self, node: fx.Node) -> bool:
         """Whether ``node``'s value can affect the model's outputs.

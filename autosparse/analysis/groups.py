@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -32,6 +34,7 @@ class Group:
     producers: list[str]  # module names whose outputs define the units
     sites: list[Member] = field(default_factory=list)
     blocked: dict[int, list[str]] = field(default_factory=dict)
+    round_to: int = 1  # kept counts must be multiples of this (an op's alignment, see State.multiple_of)
 
 
 @dataclass
@@ -204,6 +207,7 @@ def _assemble(state, root_of, members, consumed, producers, group_of) -> Analysi
             for k in np.unique(group_index[m.ids]).tolist():
                 if k >= 0:
                     sites[k].append(m)
+    round_to = _round_to(state, root_of, group_index, len(units))
     is_blocked = np.zeros(len(root_of), dtype=bool)
     is_blocked[np.fromiter(blocked_roots, dtype=np.int64, count=len(blocked_roots))] = True
     is_blocked[FIXED] = True
@@ -214,7 +218,7 @@ def _assemble(state, root_of, members, consumed, producers, group_of) -> Analysi
         free = roots[~out]
         name = owners[g][0]
         granularity = "head" if heads[free].any() else "channel"
-        groups.append(Group(name, granularity, roots.tolist(), owners[g], sites[k], blocked))
+        groups.append(Group(name, granularity, roots.tolist(), owners[g], sites[k], blocked, round_to[k]))
         if len(free) < 2:
             reasons = list(dict.fromkeys(why for r in roots.tolist() for why in blocked.get(r, [])))
             reasons = [w for w in reasons if w != "not produced by a prunable weight"] or reasons
@@ -223,3 +227,13 @@ def _assemble(state, root_of, members, consumed, producers, group_of) -> Analysi
     named = {name for name, _ in unprunable} | {g.name for g in groups}
     unprunable += [(name, why) for name, why in state.refused.items() if name not in named]
     return Analysis(groups, members, unprunable, list(dict.fromkeys(state.unknown)), state.capture.kind)
+
+
+def _round_to(state: State, root_of: np.ndarray, group_index: np.ndarray, n_groups: int) -> list[int]:
+    """Per group, the least common multiple of the alignments ops asked of its channels."""
+    out = [1] * n_groups
+    for ids, multiple in state.multiple_of:
+        for k in np.unique(group_index[root_of[ids]]).tolist():
+            if k >= 0:
+                out[k] = math.lcm(out[k], multiple)
+    return out

@@ -6,7 +6,9 @@ the weights the op owns (members), and blocks what it cannot carry. Rules are ke
 
 - an ``nn.Module`` subclass (``call_module`` nodes of a torch.fx trace; subclasses inherit),
 - a callable (``call_function`` nodes: ``torch.cat``, ``operator.add``, an aten op overload or packet),
-- a method name string (``call_method`` nodes: ``"view"``, ``"relu"``).
+- a method name string (``call_method`` nodes: ``"view"``, ``"relu"``),
+- a predicate over ``call_function`` targets (:meth:`Registry.register_matcher`), for ops that a
+  library outside the core defines (matched by qualified name without importing that library).
 
 Anything without a rule is *unknown*: its inputs' channels become unprunable and ``explain``
 reports the op and where it sits. Nothing is ever guessed to be element-wise.
@@ -54,6 +56,7 @@ class Registry:
 
     def __init__(self, rules: Mapping[RuleKey, Handler] | None = None) -> None:
         self._rules: dict[RuleKey, Handler] = {}
+        self._matchers: list[tuple[Callable[[Any], bool], Handler]] = []
         for key, handler in (rules or {}).items():
             self.register(key, handler)
 
@@ -68,6 +71,14 @@ class Registry:
             _check_handler(key, handler)
             self._rules[key] = handler
 
+    def register_matcher(self, matches: Callable[[Any], bool], handler: Handler) -> None:
+        """Register ``handler`` for every ``call_function`` target ``matches`` accepts (consulted
+        after the keyed rules), e.g. a custom op of a library autosparse does not import."""
+        if not callable(matches):
+            raise RegistryError(f"matcher {matches!r}: must be a callable taking an fx target")
+        _check_handler(matches, handler)
+        self._matchers.append((matches, handler))
+
     def rule(self, *keys: RuleKey) -> Callable[[Handler], Handler]:
         """Decorator form of :meth:`register`."""
 
@@ -81,6 +92,7 @@ class Registry:
         """A copy with ``extra`` rules added on top (per-call user extension)."""
         out = Registry()
         out._rules = dict(self._rules)
+        out._matchers = list(self._matchers)
         for key, handler in (extra or {}).items():
             out.register(key, handler)
         return out
@@ -100,7 +112,7 @@ class Registry:
             found = self._rules.get(target)
             if found is None and isinstance(target, torch._ops.OpOverload):
                 found = self._rules.get(target.overloadpacket)
-            return found
+            return found or next((handler for matches, handler in self._matchers if matches(target)), None)
         return None
 
     def __contains__(self, key: RuleKey) -> bool:

@@ -34,7 +34,7 @@ _MLP_IN = ("gate_proj", "up_proj", "fc1", "c_fc", "wi", "w1")
 _MLP_IN_PATHS = ("intermediate.dense",)  # BERT, RoBERTa, ViT: the layer is named by its parent
 _CONFIG_HEADS = ("num_attention_heads", "n_head", "num_heads")
 _CONFIG_KV = ("num_key_value_heads",)
-_CONFIG_MLP = ("intermediate_size", "n_inner", "d_ff")
+_CONFIG_MLP = ("intermediate_size", "n_inner", "d_ff", "moe_intermediate_size")
 _CONFIG_HEAD_DIM = ("head_dim", "d_kv")  # families whose head size does not follow from the head count
 _RUNTIME_ATTRS = frozenset({"training", "gradient_checkpointing"})  # flags a user may toggle: not structure
 REFUSAL_KEY = "autosparse"  # the config.json entry that explains a refusing config
@@ -59,6 +59,12 @@ def _mlp_widths(model: nn.Module) -> set[int]:
             if width:
                 widths.add(width)
     return widths
+
+
+def _expert_widths(model: nn.Module) -> set[int]:
+    """Inner widths of expert banks stored as 3-D ``(experts, hidden, inner)`` down projections."""
+    downs = (getattr(m, "down_proj", None) for m in model.modules())
+    return {int(d.shape[-1]) for d in downs if isinstance(d, torch.Tensor) and d.ndim == 3}
 
 
 def _uniform_widths(model: nn.Module, config: Any, add_head_dim: bool) -> dict[str, int]:
@@ -150,6 +156,7 @@ def _single_width_edits(model: nn.Module, config: Any) -> list[dict[str, int]]:
         return []
     sizes = {n for t in model.state_dict(keep_vars=True).values() for n in t.shape}
     sizes -= {n for t in fresh.state_dict(keep_vars=True).values() for n in t.shape}
+    sizes |= _expert_widths(model)  # may equal another size of the model (hidden, head_dim)
     return [{key: size} for key in _CONFIG_MLP if hasattr(config, key) for size in sorted(sizes)]
 
 

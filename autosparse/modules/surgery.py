@@ -54,6 +54,16 @@ def fix_attributes(module: nn.Module, old_shapes: dict[str, tuple[int, ...]]) ->
         if found is not None:
             found(module, old_shapes)
             return
+    _fix_experts(module)
+
+
+def _fix_experts(module: nn.Module) -> None:
+    """A bank of experts stored as 3-D weights (transformers 5 has ~80 such classes, one per model
+    family, all alike): its ``intermediate_dim`` follows the ``(experts, hidden, inner)`` down
+    projection, as a fresh build from the synced config would have it."""
+    down = getattr(module, "down_proj", None)
+    if isinstance(down, torch.Tensor) and down.ndim == 3 and isinstance(getattr(module, "intermediate_dim", None), int):
+        module.intermediate_dim = down.shape[-1]  # type: ignore[assignment]  # a plain int at runtime
 
 
 @fixer(nn.modules.conv._ConvNd)
