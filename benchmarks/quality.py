@@ -9,6 +9,9 @@ data split, same total epochs, same optimiser (Adam, cosine learning rate) for e
   learning rate restarts there, as it does for the fine-tuning of the two methods below).
 * ``autosparse_uniform``: the same with ``uniform: true`` on the channel rule: every gated layer keeps
   one common width (what a standard Hugging Face config can state), chosen jointly by the gates.
+* ``autosparse_kd``: the same gates plus :func:`autosparse.training.distill` (logits, T = 4) from a
+  dense twin trained first for E epochs (the teacher a from-scratch user has to train; counted in
+  its time): does distillation help in the from-scratch regime?
 * ``torch_pruning``: Torch-Pruning's ``MagnitudePruner`` (L2 filter magnitude, the same ratio in
   every layer), pruned after 2/3 of the epochs to the budget, then fine-tuned for the last 1/3.
 * ``slimming``: network slimming (Liu et al. 2017): L1 on BatchNorm scales for 2/3 of the epochs,
@@ -26,6 +29,7 @@ Results (JSON with version and git commit, a Markdown table, a PNG per dataset) 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -42,9 +46,10 @@ import autosparse
 from autosparse.demo import accuracy, budget_policy, fit, wide_cnn
 from autosparse.demo.data import Dataset, load
 from autosparse.measure import count_flops, count_params, measure_latency
+from autosparse.training.distill import distill
 from benchmarks.common import stamp
 
-METHODS = ("dense", "autosparse", "autosparse_uniform", "torch_pruning", "slimming")
+METHODS = ("dense", "autosparse", "autosparse_uniform", "autosparse_kd", "torch_pruning", "slimming")
 RESULTS = Path(__file__).resolve().parent / "results"
 PRETRAIN = 2 / 3  # share of the epochs the prune-then-fine-tune baselines train before pruning
 SLIMMING_L1 = 1e-4  # network slimming's sparsity strength on |BN scale| (the paper's 1e-4)
@@ -70,13 +75,8 @@ def run_one(dataset: str, method: str, budget: float | None, seed: int, epochs: 
     start = time.perf_counter()
     if method == "dense":
         final = fit(model, data, epochs=epochs, seed=seed)
-    elif method in ("autosparse", "autosparse_uniform"):
-        steps = epochs * math.ceil(len(data.x_train) / 64)
-        policy = budget_policy(budget, steps)
-        policy["rules"][0]["uniform"] = method == "autosparse_uniform"
-        net = autosparse.sparsify(model, policy, example_inputs=example)
-        fit(net, data, epochs=epochs, seed=seed)
-        final = autosparse.compact(net)
+    elif method in ("autosparse", "autosparse_uniform", "autosparse_kd"):
+        final = _gates(model, data, method, budget, seed, epochs, example)
     else:
         final = _prune_then_finetune(model, data, method, budget, seed, epochs, example, dense_flops)
     seconds = time.perf_counter() - start
@@ -94,6 +94,22 @@ def run_one(dataset: str, method: str, budget: float | None, seed: int, epochs: 
         "widths": widths_of(final),
         "train_seconds": seconds,
     }
+
+
+def _gates(model: nn.Module, data: Dataset, method: str, budget: float | None, seed: int, epochs: int,
+           example: tuple) -> nn.Module:
+    """The from-scratch gates; ``autosparse_kd`` also distils from a dense twin trained first (same
+    init, seed and epochs: the teacher a from-scratch user would have to train; its time is counted)."""
+    steps = epochs * math.ceil(len(data.x_train) / 64)
+    policy = budget_policy(budget, steps)
+    policy["rules"][0]["uniform"] = method == "autosparse_uniform"
+    teacher = fit(copy.deepcopy(model), data, epochs=epochs, seed=seed) if method == "autosparse_kd" else None
+    net = autosparse.sparsify(model, policy, example_inputs=example)
+    term = distill(net, teacher=teacher) if teacher is not None else None
+    fit(net, data, epochs=epochs, seed=seed, extra_loss=(lambda m: term()) if term is not None else None)
+    if term is not None:
+        term.remove()
+    return autosparse.compact(net)
 
 
 def widths_of(model: nn.Module) -> list[int]:
